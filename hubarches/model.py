@@ -1,0 +1,246 @@
+"""The conditional VAE (scVI-equivalent) on tensors: encode, decode, loss, embed.
+
+No AnnData and no files here. Inputs are dense count tensors ``x`` (cells × genes in
+manifest order) and integer covariate codes ``s`` (cells × covariates, manifest order).
+
+Generative model, per cell: ``z ~ N(0, I)``; ``ρ = softmax(f(z, s))`` over genes;
+``x_g ~ NB(l·ρ_g, θ_g)`` (or ZINB / Poisson) with the observed library ``l = Σ_g x_g``.
+Inference: ``q(z | x, s) = N(μ(x, s), σ²(x, s))`` on ``log1p(x)``.
+Loss per cell: ``−log p(x | z, s) + β·KL(q(z | x, s) ‖ N(0, I))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hubarches.config import ModelConfig
+from hubarches.errors import ModelError, WeightsError
+from hubarches.likelihoods import log_nb, log_poisson, log_zinb
+from hubarches.nn import MLP, CovariateWeight
+
+__all__ = ["CVAE", "VAR_EPS", "LossTerms", "build_model"]
+
+VAR_EPS = 1e-4
+"""Added to the encoder's variance, ``σ² = exp(·) + VAR_EPS``, as in scvi-tools."""
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """Per-cell loss terms of a minibatch; ``total(β)`` is what training minimises."""
+
+    reconstruction: torch.Tensor
+    kl: torch.Tensor
+
+    def total(self, kl_weight: float) -> torch.Tensor:
+        """Mean over cells of ``reconstruction + kl_weight · kl``."""
+        return (self.reconstruction + kl_weight * self.kl).mean()
+
+
+class Encoder(nn.Module):
+    """``log1p(x)`` (+ covariates) → hidden blocks → mean and variance of ``q(z|x,s)``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        sizes = config.covariate_sizes if config.encode_covariates else ()
+        self.mlp = MLP(
+            config.n_genes,
+            config.n_hidden,
+            n_layers=config.n_layers,
+            covariate_sizes=sizes,
+            inject_all=config.covariate_injection == "all",
+            norm=config.encoder_norm,
+            dropout=config.dropout,
+        )
+        self.mean = nn.Linear(config.n_hidden, config.n_latent)
+        self.log_var = nn.Linear(config.n_hidden, config.n_latent)
+
+    def forward(
+        self,
+        x_log: torch.Tensor,
+        codes: torch.Tensor,
+        *,
+        first_expression: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of ``q(z | x, s)``."""
+        h = self.mlp(x_log, codes, first_expression=first_expression)
+        return self.mean(h), torch.exp(self.log_var(h)) + VAR_EPS
+
+
+class Decoder(nn.Module):
+    """``z`` (+ covariates) → hidden blocks → gene proportions and dropout logits."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.mlp = MLP(
+            config.n_latent,
+            config.n_hidden,
+            n_layers=config.n_layers,
+            covariate_sizes=config.covariate_sizes,
+            inject_all=config.covariate_injection == "all",
+            norm=config.decoder_norm,
+            dropout=0.0,
+        )
+        self.scale = nn.Linear(config.n_hidden, config.n_genes)
+        self.dropout_logits = (
+            nn.Linear(config.n_hidden, config.n_genes) if config.likelihood == "zinb" else None
+        )
+
+    def forward(
+        self, z: torch.Tensor, codes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of ``ρ`` (softmax over genes) and ZINB dropout logits (None otherwise)."""
+        h = self.mlp(z, codes)
+        pi = self.dropout_logits(h) if self.dropout_logits is not None else None
+        return self.scale(h), pi
+
+
+class CVAE(nn.Module):
+    """scVI's conditional VAE, with covariate weights that surgery can grow."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.dispersion: nn.Parameter | CovariateWeight | None
+        if config.likelihood == "poisson":
+            self.dispersion = None
+        elif config.dispersion == "gene":
+            self.dispersion = nn.Parameter(torch.randn(config.n_genes))
+        else:
+            # θ per gene and batch: one column per batch category, grown by surgery like W_s.
+            self.dispersion = CovariateWeight(config.n_genes, config.n_batches)
+            with torch.no_grad():
+                self.dispersion.weight.normal_()
+        self.register_buffer("trained", torch.zeros((), dtype=torch.bool))
+
+    # --- checks -------------------------------------------------------------------------
+
+    def check_inputs(self, x: torch.Tensor, codes: torch.Tensor) -> None:
+        """Raise ModelError unless ``x`` and ``codes`` fit this model."""
+        cfg = self.config
+        if x.dim() != 2 or x.shape[1] != cfg.n_genes:
+            raise ModelError(
+                f"expected counts of shape [n_cells, {cfg.n_genes}], got {list(x.shape)}"
+            )
+        if codes.dim() != 2 or codes.shape != (x.shape[0], len(cfg.covariate_sizes)):
+            raise ModelError(
+                f"expected covariate codes of shape [{x.shape[0]}, {len(cfg.covariate_sizes)}]"
+                f", got {list(codes.shape)}"
+            )
+        if codes.dtype not in (torch.int64, torch.int32):
+            raise ModelError(f"covariate codes must be integers, got {codes.dtype}")
+        if codes.numel():
+            sizes = torch.tensor(cfg.covariate_sizes, device=codes.device)
+            if bool((codes < 0).any()) or bool((codes >= sizes).any()):
+                raise ModelError(
+                    f"covariate codes out of range for categories {cfg.covariate_sizes}"
+                )
+
+    # --- pieces -------------------------------------------------------------------------
+
+    def theta(self, codes: torch.Tensor) -> torch.Tensor:
+        """Inverse dispersion θ: ``[n_genes]`` or per cell ``[n_cells, n_genes]``."""
+        if isinstance(self.dispersion, CovariateWeight):
+            return torch.exp(self.dispersion(codes[:, 0]))
+        if self.dispersion is None:
+            raise ModelError("a Poisson model has no dispersion")
+        return torch.exp(self.dispersion)
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        codes: torch.Tensor,
+        *,
+        first_expression: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of ``q(z | x, s)`` from counts."""
+        return self.encoder(torch.log1p(x), codes, first_expression=first_expression)
+
+    def log_likelihood(
+        self, x: torch.Tensor, z: torch.Tensor, codes: torch.Tensor, log_library: torch.Tensor
+    ) -> torch.Tensor:
+        """``log p(x | z, s)`` summed over genes, per cell."""
+        logits, pi = self.decoder(z, codes)
+        mu = torch.exp(log_library).unsqueeze(1) * torch.softmax(logits, dim=-1)
+        lik = self.config.likelihood
+        if lik == "poisson":
+            return log_poisson(x, mu).sum(-1)
+        theta = self.theta(codes)
+        if lik == "nb":
+            return log_nb(x, mu, theta).sum(-1)
+        assert pi is not None
+        return log_zinb(x, mu, theta, pi).sum(-1)
+
+    def loss(
+        self,
+        x: torch.Tensor,
+        codes: torch.Tensor,
+        *,
+        first_expression: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> LossTerms:
+        """Per-cell reconstruction loss and KL divergence of a minibatch of counts."""
+        q_mean, q_var = self.encode(x, codes, first_expression=first_expression)
+        eps = torch.randn(q_mean.shape, generator=generator, device=q_mean.device)
+        z = q_mean + q_var.sqrt() * eps
+        log_library = torch.log(x.sum(-1))
+        reconstruction = -self.log_likelihood(x, z, codes, log_library)
+        # KL(N(μ, σ²) ‖ N(0, 1)) summed over latent dimensions.
+        kl = 0.5 * (q_var + q_mean.square() - 1.0 - torch.log(q_var)).sum(-1)
+        return LossTerms(reconstruction=reconstruction, kl=kl)
+
+    @torch.inference_mode()
+    def embed(
+        self,
+        x: torch.Tensor,
+        codes: torch.Tensor,
+        *,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Latent means (or one sample of ``q(z|x,s)``) of a batch of cells, in eval mode."""
+        self.check_inputs(x, codes)
+        was_training = self.training
+        self.eval()
+        try:
+            mean, var = self.encode(x, codes)
+            if sample:
+                noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+                return mean + var.sqrt() * noise
+            return mean
+        finally:
+            self.train(was_training)
+
+    # --- weights ------------------------------------------------------------------------
+
+    def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load a state dict strictly: missing or unexpected tensors are an error naming them."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(tensors))
+        unexpected = sorted(set(tensors) - set(own))
+        wrong = [
+            f"{k} {tuple(tensors[k].shape)} ≠ {tuple(v.shape)}"
+            for k, v in own.items()
+            if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)
+        ]
+        if missing or unexpected or wrong:
+            detail = f"; wrong shapes: {', '.join(wrong[:5])}" if wrong else ""
+            raise WeightsError(
+                "the weights do not match the architecture in the manifest" + detail,
+                missing=missing,
+                unexpected=unexpected,
+                hint="The bundle is inconsistent; pull it again or rebuild it",
+            )
+        self.load_state_dict(dict(tensors), strict=True)
+
+
+def build_model(config: ModelConfig, *, seed: int = 0) -> CVAE:
+    """A freshly initialised model; the same seed gives the same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CVAE(config)

@@ -1,0 +1,327 @@
+"""Training loops in plain PyTorch: the reference, and the query after surgery. No I/O.
+
+Both return a :class:`History`. Reference training optimises every tensor with Adam and a
+linear KL warm-up (scvi-tools' defaults). Query training optimises only the tensors added by
+surgery; everything from the reference stays frozen, normalization layers stay in eval mode,
+and the first encoder layer's expression product ``W_x log1p(x) + b`` is computed once per
+cell instead of every epoch, which is exact because ``W_x`` and ``b`` never change.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from hubarches.batching import CountMatrix, pick_device
+from hubarches.errors import ModelError, SurgeryError, TrainingError
+from hubarches.model import CVAE, LossTerms
+from hubarches.surgery import freeze_reference, new_parameters
+
+__all__ = [
+    "EpochStats",
+    "History",
+    "TrainOptions",
+    "default_epochs",
+    "train_query",
+    "train_reference",
+]
+
+
+def default_epochs(n_cells: int) -> int:
+    """scvi-tools' heuristic: about 20 000 × 400 cell-passes, at most 400 epochs."""
+    return max(1, min(400, round(20_000 / max(n_cells, 1) * 400)))
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Optimisation settings; defaults are scvi-tools' for the reference."""
+
+    epochs: int | None = None
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    adam_eps: float = 0.01
+    kl_warmup_epochs: int = 400
+    seed: int = 0
+    validation_fraction: float = 0.0
+    early_stopping_patience: int | None = None
+    dropout_in_query: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None and self.epochs < 0:
+            raise ModelError(f"epochs must be ≥ 0, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ModelError(f"batch_size must be ≥ 2, got {self.batch_size}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ModelError("validation_fraction must be in [0, 1)")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ModelError("early_stopping_patience must be ≥ 1")
+
+
+QUERY_DEFAULTS = TrainOptions(weight_decay=0.0)
+"""Query training: no weight decay (only new tensors are optimised anyway)."""
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """Mean per-cell losses of one epoch (validation ones when a split is held out)."""
+
+    epoch: int
+    loss: float
+    reconstruction: float
+    kl: float
+    kl_weight: float
+    validation_loss: float | None = None
+
+
+@dataclass
+class History:
+    """What training did: per-epoch statistics and whether it stopped early."""
+
+    epochs: list[EpochStats] = field(default_factory=list)
+    stopped_early: bool = False
+    n_train_cells: int = 0
+    n_validation_cells: int = 0
+
+    @property
+    def final_loss(self) -> float | None:
+        """The last epoch's mean training loss."""
+        return self.epochs[-1].loss if self.epochs else None
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-able summary."""
+        last = self.epochs[-1] if self.epochs else None
+        return {
+            "epochs": len(self.epochs),
+            "stopped_early": self.stopped_early,
+            "n_train_cells": self.n_train_cells,
+            "n_validation_cells": self.n_validation_cells,
+            "final_loss": None if last is None else last.loss,
+            "final_reconstruction": None if last is None else last.reconstruction,
+            "final_kl": None if last is None else last.kl,
+            "final_validation_loss": None if last is None else last.validation_loss,
+        }
+
+
+Progress = Callable[[EpochStats, int], None]
+"""Called after each epoch with its statistics and the planned number of epochs."""
+
+StepLoss = Callable[[np.ndarray, torch.Generator], LossTerms]
+
+
+def _split(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random train/validation row indices."""
+    order = rng.permutation(n)
+    n_val = math.floor(n * fraction)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def _run(
+    model: CVAE,
+    parameters: Sequence[torch.nn.Parameter],
+    step_loss: StepLoss,
+    n_cells: int,
+    options: TrainOptions,
+    *,
+    set_mode: Callable[[], None],
+    progress: Progress | None,
+) -> History:
+    """The epoch loop shared by reference and query training."""
+    epochs = options.epochs if options.epochs is not None else default_epochs(n_cells)
+    rng = np.random.default_rng(options.seed)
+    val_fraction = options.validation_fraction
+    if options.early_stopping_patience is not None and val_fraction == 0.0:
+        val_fraction = 0.1
+    train_rows, val_rows = _split(n_cells, val_fraction, rng)
+    history = History(n_train_cells=len(train_rows), n_validation_cells=len(val_rows))
+    if len(train_rows) == 0 or not parameters or epochs == 0:
+        return history
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(options.seed)
+    optimizer = torch.optim.Adam(
+        parameters, lr=options.lr, eps=options.adam_eps, weight_decay=options.weight_decay
+    )
+    best, since_best = math.inf, 0
+    for epoch in range(epochs):
+        kl_weight = (
+            min(1.0, epoch / options.kl_warmup_epochs) if options.kl_warmup_epochs > 0 else 1.0
+        )
+        set_mode()
+        order = train_rows[rng.permutation(len(train_rows))]
+        sums = np.zeros(3)
+        for start in range(0, len(order), options.batch_size):
+            rows = order[start : start + options.batch_size]
+            if len(rows) < 2 and len(order) > 1:
+                continue  # a one-cell batch would break batch norm and adds only noise
+            terms = step_loss(rows, generator)
+            loss = terms.total(kl_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                sums += len(rows) * np.array(
+                    [float(loss), float(terms.reconstruction.mean()), float(terms.kl.mean())]
+                )
+        mean = sums / len(order)
+        if not np.all(np.isfinite(mean)):
+            raise TrainingError(
+                f"the loss became non-finite in epoch {epoch}",
+                hint="Check that the input holds raw counts, or lower the learning rate",
+            )
+        val_loss = (
+            _validation_loss(model, step_loss, val_rows, generator) if len(val_rows) else None
+        )
+        stats = EpochStats(
+            epoch, float(mean[0]), float(mean[1]), float(mean[2]), kl_weight, val_loss
+        )
+        history.epochs.append(stats)
+        if progress is not None:
+            progress(stats, epochs)
+        if options.early_stopping_patience is not None and val_loss is not None:
+            if val_loss < best:
+                best, since_best = val_loss, 0
+            else:
+                since_best += 1
+                if since_best >= options.early_stopping_patience:
+                    history.stopped_early = True
+                    break
+    model.eval()
+    return history
+
+
+def _validation_loss(
+    model: CVAE, step_loss: StepLoss, rows: np.ndarray, generator: torch.Generator
+) -> float:
+    """Mean ELBO loss (KL weight 1) of the held-out cells, in eval mode."""
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(rows), 1024):
+            chunk = rows[start : start + 1024]
+            total += float(step_loss(chunk, generator).total(1.0)) * len(chunk)
+    return total / len(rows)
+
+
+def _check_codes(model: CVAE, counts: CountMatrix, codes: np.ndarray) -> torch.Tensor:
+    """Validate covariate codes against the model and return them as a tensor."""
+    cfg = model.config
+    if counts.n_genes != cfg.n_genes:
+        raise ModelError(f"the model has {cfg.n_genes} genes, the counts {counts.n_genes}")
+    if codes.ndim != 2 or codes.shape != (counts.n_cells, len(cfg.covariate_sizes)):
+        raise ModelError(
+            f"covariate codes must have shape [{counts.n_cells}, {len(cfg.covariate_sizes)}],"
+            f" got {list(codes.shape)}"
+        )
+    if codes.size and ((codes < 0).any() or (codes >= np.array(cfg.covariate_sizes)).any()):
+        raise ModelError(f"covariate codes out of range for categories {cfg.covariate_sizes}")
+    return torch.as_tensor(codes, dtype=torch.int64)
+
+
+def train_reference(
+    model: CVAE,
+    counts: CountMatrix,
+    codes: np.ndarray,
+    *,
+    options: TrainOptions | None = None,
+    progress: Progress | None = None,
+) -> History:
+    """Train every tensor of a fresh model on reference counts; marks it trained."""
+    options = options or TrainOptions()
+    codes_t = _check_codes(model, counts, codes)
+    if (counts.library() <= 0).any():
+        raise ModelError("every reference cell needs at least one count; drop empty cells")
+    device = pick_device(options.device)
+    model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+    def step_loss(rows: np.ndarray, generator: torch.Generator) -> LossTerms:
+        x = counts.dense_rows(rows).to(device)
+        return model.loss(x, codes_t[rows].to(device), generator=generator)
+
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(options.seed)  # dropout masks
+        history = _run(
+            model,
+            list(model.parameters()),
+            step_loss,
+            counts.n_cells,
+            options,
+            set_mode=model.train,
+            progress=progress,
+        )
+    model.trained.fill_(True)
+    return history
+
+
+def first_layer_expression(
+    model: CVAE, counts: CountMatrix, *, batch_size: int = 4096
+) -> torch.Tensor:
+    """``W_x log1p(x) + b`` of the first encoder layer for every cell, computed once."""
+    first = model.encoder.mlp.blocks[0].linear.expression
+    device = first.weight.device
+    out = torch.empty(counts.n_cells, first.out_features, device=device)
+    with torch.no_grad():
+        for rows, x in counts.chunks(batch_size):
+            out[torch.as_tensor(rows, device=device)] = first(torch.log1p(x.to(device)))
+    return out
+
+
+def train_query(
+    extension: CVAE,
+    counts: CountMatrix,
+    codes: np.ndarray,
+    *,
+    options: TrainOptions | None = None,
+    progress: Progress | None = None,
+) -> History:
+    """Train only the tensors surgery added; every reference tensor stays bitwise the same.
+
+    Cells without counts are left out (the likelihood needs a library size).
+    """
+    options = options or QUERY_DEFAULTS
+    codes_t = _check_codes(extension, counts, codes)
+    trainable = new_parameters(extension)
+    if not bool(extension.trained):
+        raise SurgeryError("query training needs a model produced by surgery on a reference")
+    device = pick_device(options.device)
+    extension.to(device)
+    freeze_reference(extension)
+    keep = np.flatnonzero(counts.library() > 0)
+    first_expression = first_layer_expression(extension, counts)
+
+    def set_mode() -> None:
+        # Frozen normalization statistics: everything in eval mode, dropout on only if asked.
+        extension.eval()
+        if options.dropout_in_query:
+            for m in extension.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.train()
+
+    def step_loss(rows: np.ndarray, generator: torch.Generator) -> LossTerms:
+        cells = keep[rows]
+        index = torch.as_tensor(cells, device=device)
+        x = counts.dense_rows(cells).to(device)
+        return extension.loss(
+            x,
+            codes_t[cells].to(device),
+            first_expression=first_expression[index],
+            generator=generator,
+        )
+
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(options.seed)
+        return _run(
+            extension,
+            trainable,
+            step_loss,
+            len(keep),
+            options,
+            set_mode=set_mode,
+            progress=progress,
+        )
