@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from hubarches._version import __version__
 from hubarches.cards import render_card
-from hubarches.errors import BundleError, IntegrityError, ManifestError, WeightsError
+from hubarches.errors import BundleError, BundleExistsError, IntegrityError, ManifestError, WeightsError
 from hubarches.manifest import (
     MANIFEST_FILE,
     FileEntry,
@@ -310,7 +310,7 @@ def move_into_place(tmp: Path, dest: Path) -> None:
 
 def _ensure_absent(dest: Path) -> None:
     if dest.exists() or dest.is_symlink():
-        raise BundleError(f"{dest} exists already", hint="Write the bundle to a new directory")
+        raise BundleExistsError(str(dest))
 
 
 # --- writing --------------------------------------------------------------------------------
@@ -364,7 +364,7 @@ def write_bundle(
         move_into_place(tmp, dest)
     except FileExistsError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise BundleError(f"{dest} appeared while the bundle was written") from err
+        raise BundleExistsError(str(dest)) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -419,7 +419,7 @@ def restamp_bundle(src: Path, dest: Path, *, name: str, version: int) -> Manifes
         move_into_place(tmp, dest)
     except FileExistsError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise BundleError(f"{dest} appeared while the bundle was written") from err
+        raise BundleExistsError(str(dest)) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -160,7 +160,7 @@ def _resolve_offline(spec: RefSpec, location: str, root: Path) -> VersionInfo:
         for info in cached:
             if info.version == spec.version:
                 return info
-    raise RegistryOfflineError(spec.name, cached=[i.version for i in cached])
+    raise RegistryOfflineError(spec.name, cached=[i.version for i in cached], pin=spec.pin)
 
 
 def _evict(root: Path, entry: Path) -> None:

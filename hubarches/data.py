@@ -16,13 +16,18 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from hubarches.errors import CountsError, CovariateError, DataError, GeneAlignmentError
+from hubarches.errors import (
+    CountsError,
+    CovariateError,
+    DataError,
+    GeneAlignmentError,
+    warn,
+)
 from hubarches.genes import (
     MIN_SHARED_FRACTION,
     WARN_SHARED_FRACTION,
     AlignmentReport,
     GeneAlignment,
-    _warn,
     align_genes,
     gene_id_type,
     query_gene_names,
@@ -394,7 +399,7 @@ def prepare_query(
     trainable = np.diff(matrix.indptr) > 0
     n_zero = int(adata.n_obs - np.count_nonzero(trainable))
     if n_zero > ZERO_COUNT_WARN_FRACTION * adata.n_obs:
-        _warn(
+        warn(
             f"{n_zero} of {adata.n_obs} query cells have no counts on the reference genes; "
             "they are embedded but not used to train the query model. Check the gene names, "
             "and filter out empty barcodes"

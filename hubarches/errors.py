@@ -13,6 +13,7 @@ that explain it as attributes, and its message says what to do next::
     │   └── PushError                  (RuntimeError)
     │       └── VersionExistsError     (FileExistsError)  a published version never changes
     ├── BundleError
+    │   ├── BundleExistsError          (FileExistsError)  never write over a directory
     │   ├── IntegrityError             (ValueError)       missing file, size or sha256 mismatch
     │   ├── ManifestError              (ValueError)       unknown fields, wrong types, bad paths
     │   │   └── ManifestVersionError                      written by a newer hubarches
@@ -30,10 +31,14 @@ that explain it as attributes, and its message says what to do next::
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = [
     "BundleError",
+    "BundleExistsError",
     "CountsError",
     "CovariateError",
     "DataError",
@@ -55,6 +60,7 @@ __all__ = [
     "VersionExistsError",
     "VersionNotFound",
     "WeightsError",
+    "warn",
 ]
 
 
@@ -78,6 +84,21 @@ class HubarchesError(Exception):
 
 class HubarchesWarning(UserWarning):
     """Something the user should look at, though hubarches can go on."""
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def warn(message: str) -> None:
+    """Warn with :class:`HubarchesWarning`, pointing at the first caller outside hubarches."""
+    frame = sys._getframe(1)
+    level = 2  # stacklevel 1 is this function; frame is its caller
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(
+        _PACKAGE_DIR
+    ):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, HubarchesWarning, stacklevel=level)
 
 
 # --- registry -------------------------------------------------------------------------------
@@ -140,11 +161,17 @@ class RegistryAccessError(RegistryError, PermissionError):
 class RegistryOfflineError(RegistryError, ConnectionError):
     """The request needs the network, which is off or unreachable."""
 
-    def __init__(self, name: str, *, cached: Sequence[int] = ()) -> None:
+    def __init__(
+        self, name: str, *, cached: Sequence[int] = (), pin: str | None = None
+    ) -> None:
         self.name = name
         self.cached = list(cached)
+        self.pin = pin
+        what = f"{name}@{pin} is not in the cache" if pin else (
+            f"cannot resolve the latest version of {name!r}"
+        )
         super().__init__(
-            f"cannot resolve the latest version of {name!r} offline",
+            f"{what} and the registry cannot be reached (offline)",
             hint=f"Cached versions: {_listing(self.cached)}. Pin one ({name}@N) or go online",
         )
 
@@ -170,6 +197,14 @@ class VersionExistsError(PushError, FileExistsError):
 
 class BundleError(HubarchesError):
     """A bundle on disk cannot be trusted or read."""
+
+
+class BundleExistsError(BundleError, FileExistsError):
+    """A bundle is never written over an existing directory."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(f"{path} exists already", hint="Write the bundle to a new directory")
 
 
 class IntegrityError(BundleError, ValueError):

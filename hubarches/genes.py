@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from hubarches.errors import GeneAlignmentError, HubarchesWarning
+from hubarches.errors import GeneAlignmentError, warn
 
 __all__ = [
     "MIN_SHARED_FRACTION",
@@ -56,19 +53,6 @@ _ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}")
 _VERSIONED_RE = re.compile(r"^(ENS[A-Z]*G\d{6,})\.\d+$")
 _EXACT = "exact"
 _STRIPPED = "ensembl-version-stripped"
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
-
-
-def _warn(message: str) -> None:
-    """Warn with :class:`HubarchesWarning`, pointing at the first caller outside hubarches."""
-    frame = sys._getframe(1)
-    level = 2  # stacklevel 1 is this function; frame is its caller
-    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(
-        _PACKAGE_DIR
-    ):
-        frame = frame.f_back
-        level += 1
-    warnings.warn(message, HubarchesWarning, stacklevel=level)
 
 
 @dataclass(frozen=True)
@@ -470,7 +454,7 @@ def align_genes(
             hint=". ".join(hints),
         )
     if fraction < WARN_SHARED_FRACTION:
-        _warn(
+        warn(
             f"{summary}. Missing genes are filled with zeros, which the model reads as no "
             "expression, so the mapping may be less accurate"
             + (f". {'. '.join(hints)}" if hints else "")

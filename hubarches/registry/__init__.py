@@ -40,12 +40,17 @@ class RefSpec:
         """The atlas part of ``org/name``."""
         return self.name.split("/", 1)[1]
 
-    def __str__(self) -> str:
+    @property
+    def pin(self) -> str | None:
+        """What follows the ``@``: ``"3"``, ``"sha256:<hex>"``, or None for the latest."""
         if self.version is not None:
-            return f"{self.name}@{self.version}"
+            return str(self.version)
         if self.digest is not None:
-            return f"{self.name}@sha256:{self.digest}"
-        return self.name
+            return f"sha256:{self.digest}"
+        return None
+
+    def __str__(self) -> str:
+        return self.name if self.pin is None else f"{self.name}@{self.pin}"
 
 
 @dataclass(frozen=True)

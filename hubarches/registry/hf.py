@@ -203,7 +203,9 @@ class HubRegistry:
         """Download the commit of ``info``'s tag into ``dest``, unverified."""
         dest = Path(dest)
         if self._offline:
-            raise RegistryOfflineError(info.name, cached=self.cached_versions(info.name))
+            raise RegistryOfflineError(
+                info.name, cached=self.cached_versions(info.name), pin=str(info.version)
+            )
         commit = self._commit_of(info)
         dest.mkdir(parents=True, exist_ok=True)
         try:
@@ -359,7 +361,9 @@ class HubRegistry:
         for info in cached:
             if (spec.version, spec.digest) in {(info.version, None), (None, info.digest)}:
                 return info
-        raise RegistryOfflineError(spec.name, cached=[info.version for info in cached])
+        raise RegistryOfflineError(
+            spec.name, cached=[info.version for info in cached], pin=spec.pin
+        )
 
     def _info(self, name: str, version: int, commit: str) -> VersionInfo:
         """Read a version's manifest (kept in the Hugging Face cache) for its digest."""
