@@ -15,7 +15,7 @@ import torch
 from hubarches.errors import ModelError
 from hubarches.model import CVAE
 
-__all__ = ["CountMatrix", "embed_matrix", "pick_device"]
+__all__ = ["CountMatrix", "Minibatch", "embed_matrix", "pick_device"]
 
 EMBED_BATCH_SIZE = 4096
 """Cells per forward pass when embedding; large batches amortise per-call overhead."""
@@ -26,6 +26,24 @@ def pick_device(device: str | torch.device | None = "auto") -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+@dataclass(frozen=True)
+class Minibatch:
+    """Dense counts of a few cells plus ``(rows, cols, values)`` of their nonzero entries."""
+
+    x: torch.Tensor
+    nonzero: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Minibatch:
+        """The same batch on ``device``, counts as ``dtype``."""
+        if device.type == "cpu" and dtype == self.x.dtype:
+            return self
+        rows, cols, vals = self.nonzero
+        return Minibatch(
+            self.x.to(device, dtype),
+            (rows.to(device), cols.to(device), vals.to(device, dtype)),
+        )
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,19 @@ class CountMatrix:
     def dense_rows(self, rows: np.ndarray) -> torch.Tensor:
         """The given rows as a dense float32 tensor (cells × genes)."""
         return torch.from_numpy(self.csr[rows].toarray())
+
+    def minibatch(self, rows: np.ndarray) -> Minibatch:
+        """The given rows, dense, together with the coordinates of their nonzero counts."""
+        sub = self.csr[rows]
+        nz_rows = np.repeat(np.arange(len(rows)), np.diff(sub.indptr))
+        return Minibatch(
+            x=torch.from_numpy(sub.toarray()),
+            nonzero=(
+                torch.from_numpy(nz_rows),
+                torch.from_numpy(sub.indices.astype(np.int64)),
+                torch.from_numpy(sub.data),
+            ),
+        )
 
     def chunks(self, size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Consecutive row chunks ``(rows, dense)`` covering the whole matrix."""

@@ -19,6 +19,7 @@ from torch import nn
 
 from hubarches.config import ModelConfig
 from hubarches.errors import ModelError, WeightsError
+from hubarches.fastlik import count_nll, nonzero_log_gamma
 from hubarches.likelihoods import log_nb, log_poisson, log_zinb
 from hubarches.nn import MLP, CovariateWeight
 
@@ -161,20 +162,35 @@ class CVAE(nn.Module):
         """Mean and variance of ``q(z | x, s)`` from counts."""
         return self.encoder(torch.log1p(x), codes, first_expression=first_expression)
 
-    def log_likelihood(
-        self, x: torch.Tensor, z: torch.Tensor, codes: torch.Tensor, log_library: torch.Tensor
-    ) -> torch.Tensor:
-        """``log p(x | z, s)`` summed over genes, per cell."""
+    def _decode_mean(
+        self, z: torch.Tensor, codes: torch.Tensor, log_library: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Decoder outputs: softmax logits, dropout logits and ``μ = l · softmax``."""
         logits, pi = self.decoder(z, codes)
         mu = torch.exp(log_library).unsqueeze(1) * torch.softmax(logits, dim=-1)
-        lik = self.config.likelihood
-        if lik == "poisson":
-            return log_poisson(x, mu).sum(-1)
-        theta = self.theta(codes)
-        if lik == "nb":
-            return log_nb(x, mu, theta).sum(-1)
-        assert pi is not None
-        return log_zinb(x, mu, theta, pi).sum(-1)
+        return logits, pi, mu
+
+    def log_dispersion(self, codes: torch.Tensor) -> torch.Tensor | None:
+        """``log θ``: ``[n_genes]``, or ``[n_cells, n_genes]`` per batch; None for Poisson."""
+        if isinstance(self.dispersion, CovariateWeight):
+            return self.dispersion(codes[:, 0])
+        return self.dispersion
+
+    def sample_z(
+        self,
+        x: torch.Tensor,
+        codes: torch.Tensor,
+        *,
+        first_expression: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparametrised sample of ``q(z | x, s)`` and the per-cell KL to the prior."""
+        q_mean, q_var = self.encode(x, codes, first_expression=first_expression)
+        eps = torch.randn(q_mean.shape, generator=generator, device=q_mean.device)
+        z = q_mean + q_var.sqrt() * eps
+        # KL(N(μ, σ²) ‖ N(0, 1)) summed over latent dimensions.
+        kl = 0.5 * (q_var + q_mean.square() - 1.0 - torch.log(q_var)).sum(-1)
+        return z, kl
 
     def loss(
         self,
@@ -183,16 +199,53 @@ class CVAE(nn.Module):
         *,
         first_expression: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        log_gamma: torch.Tensor | None = None,
+        nonzero: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> LossTerms:
-        """Per-cell reconstruction loss and KL divergence of a minibatch of counts."""
-        q_mean, q_var = self.encode(x, codes, first_expression=first_expression)
-        eps = torch.randn(q_mean.shape, generator=generator, device=q_mean.device)
-        z = q_mean + q_var.sqrt() * eps
+        """Per-cell reconstruction loss and KL divergence of a minibatch of counts.
+
+        The likelihood runs through :mod:`hubarches.fastlik`. Its log-gamma terms live on
+        the nonzero counts: pass them as ``nonzero = (rows, cols, values)`` (found from
+        ``x`` otherwise), or, when the dispersion is frozen, as the per-cell constant
+        ``log_gamma`` computed once. Equal, to float rounding, to :meth:`plain_loss`.
+        """
+        z, kl = self.sample_z(x, codes, first_expression=first_expression, generator=generator)
         log_library = torch.log(x.sum(-1))
-        reconstruction = -self.log_likelihood(x, z, codes, log_library)
-        # KL(N(μ, σ²) ‖ N(0, 1)) summed over latent dimensions.
-        kl = 0.5 * (q_var + q_mean.square() - 1.0 - torch.log(q_var)).sum(-1)
-        return LossTerms(reconstruction=reconstruction, kl=kl)
+        logits, pi = self.decoder(z, codes)
+        log_theta = self.log_dispersion(codes)
+        nll = count_nll(
+            logits, pi, log_theta, x, log_library, zinb=self.config.likelihood == "zinb"
+        )
+        if log_gamma is None:
+            if nonzero is None:
+                rows, cols = torch.nonzero(x, as_tuple=True)
+                nonzero = (rows, cols, x[rows, cols])
+            theta = None if log_theta is None else torch.exp(log_theta)
+            log_gamma = nonzero_log_gamma(theta, *nonzero, n_cells=x.shape[0])
+        return LossTerms(reconstruction=nll - log_gamma, kl=kl)
+
+    def plain_loss(
+        self,
+        x: torch.Tensor,
+        codes: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> LossTerms:
+        """The straightforward loss, autograd through :mod:`hubarches.likelihoods`.
+
+        Kept as the reference that the fused :meth:`loss` is tested against.
+        """
+        z, kl = self.sample_z(x, codes, first_expression=None, generator=generator)
+        _, pi, mu = self._decode_mean(z, codes, torch.log(x.sum(-1)))
+        lik = self.config.likelihood
+        if lik == "poisson":
+            log_p = log_poisson(x, mu)
+        elif lik == "nb":
+            log_p = log_nb(x, mu, self.theta(codes))
+        else:
+            assert pi is not None
+            log_p = log_zinb(x, mu, self.theta(codes), pi)
+        return LossTerms(reconstruction=-log_p.sum(-1), kl=kl)
 
     @torch.inference_mode()
     def embed(

@@ -18,6 +18,7 @@ import torch
 
 from hubarches.batching import CountMatrix, pick_device
 from hubarches.errors import ModelError, SurgeryError, TrainingError
+from hubarches.fastlik import nonzero_log_gamma
 from hubarches.model import CVAE, LossTerms
 from hubarches.surgery import freeze_reference, new_parameters
 
@@ -241,8 +242,10 @@ def train_reference(
         p.requires_grad_(True)
 
     def step_loss(rows: np.ndarray, generator: torch.Generator) -> LossTerms:
-        x = counts.dense_rows(rows).to(device)
-        return model.loss(x, codes_t[rows].to(device), generator=generator)
+        batch = counts.minibatch(rows).to(device)
+        return model.loss(
+            batch.x, codes_t[rows].to(device), generator=generator, nonzero=batch.nonzero
+        )
 
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         torch.manual_seed(options.seed)  # dropout masks
@@ -265,10 +268,39 @@ def first_layer_expression(
     """``W_x log1p(x) + b`` of the first encoder layer for every cell, computed once."""
     first = model.encoder.mlp.blocks[0].linear.expression
     device = first.weight.device
-    out = torch.empty(counts.n_cells, first.out_features, device=device)
+    out = torch.empty(counts.n_cells, first.out_features, device=device, dtype=first.weight.dtype)
     with torch.no_grad():
         for rows, x in counts.chunks(batch_size):
-            out[torch.as_tensor(rows, device=device)] = first(torch.log1p(x.to(device)))
+            x = x.to(device, first.weight.dtype)
+            out[torch.as_tensor(rows, device=device)] = first(torch.log1p(x))
+    return out
+
+
+def frozen_log_gamma(
+    model: CVAE, counts: CountMatrix, codes: torch.Tensor, *, batch_size: int = 4096
+) -> torch.Tensor | None:
+    """The likelihood's log-gamma terms per cell, when no dispersion they use can train.
+
+    They depend only on the counts and θ; with θ frozen they are constants of query
+    training, computed once here instead of every step. None when θ trains (new batches
+    with gene-batch dispersion).
+    """
+    disp = model.dispersion
+    params = [disp] if isinstance(disp, torch.nn.Parameter) else []
+    if isinstance(disp, torch.nn.Module):
+        params = list(disp.parameters())
+    if any(p.requires_grad for p in params):
+        return None
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    out = torch.empty(counts.n_cells, device=device, dtype=dtype)
+    with torch.no_grad():
+        for start in range(0, counts.n_cells, batch_size):
+            rows = np.arange(start, min(counts.n_cells, start + batch_size))
+            batch = counts.minibatch(rows).to(device, dtype)
+            log_theta = model.log_dispersion(codes[rows].to(device))
+            theta = None if log_theta is None else torch.exp(log_theta)
+            out[start : rows[-1] + 1] = nonzero_log_gamma(theta, *batch.nonzero, n_cells=len(rows))
     return out
 
 
@@ -294,6 +326,7 @@ def train_query(
     freeze_reference(extension)
     keep = np.flatnonzero(counts.library() > 0)
     first_expression = first_layer_expression(extension, counts)
+    log_gamma = frozen_log_gamma(extension, counts, codes_t)
 
     def set_mode() -> None:
         # Frozen normalization statistics: everything in eval mode, dropout on only if asked.
@@ -306,12 +339,14 @@ def train_query(
     def step_loss(rows: np.ndarray, generator: torch.Generator) -> LossTerms:
         cells = keep[rows]
         index = torch.as_tensor(cells, device=device)
-        x = counts.dense_rows(cells).to(device)
+        batch = counts.minibatch(cells).to(device)
         return extension.loss(
-            x,
+            batch.x,
             codes_t[cells].to(device),
             first_expression=first_expression[index],
             generator=generator,
+            log_gamma=None if log_gamma is None else log_gamma[index],
+            nonzero=batch.nonzero,
         )
 
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):

@@ -171,3 +171,68 @@ def test_embed_is_batch_size_independent_and_samples_differ() -> None:
     assert sampled.shape == whole.shape
     assert not np.allclose(sampled, whole)
     np.testing.assert_array_equal(sampled, embed_matrix(model, counts, codes, sample=True, seed=1))
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
+@pytest.mark.parametrize("dispersion", ["gene", "gene-batch"])
+def test_fused_loss_equals_plain_loss_and_gradients(likelihood: str, dispersion: str) -> None:
+    """The hand-derived likelihood gradients match autograd through the plain formulas."""
+    cfg = ModelConfig(
+        n_genes=50,
+        covariate_sizes=(3, 2),
+        n_hidden=16,
+        n_latent=4,
+        likelihood=likelihood,  # type: ignore[arg-type]
+        dispersion=dispersion,  # type: ignore[arg-type]
+        dropout=0.0,
+    )
+    model = build_model(cfg, seed=1).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.poisson(torch.rand(20, 50, generator=gen, dtype=torch.float64) * 4, generator=gen)
+    x[:, 0] += 1
+    codes = torch.stack([torch.arange(20) % 3, torch.arange(20) % 2], dim=1)
+    results = []
+    for fn in (model.loss, model.plain_loss):
+        model.zero_grad()
+        terms = fn(x, codes, generator=torch.Generator().manual_seed(5))
+        terms.total(0.7).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results.append((terms, grads))
+    (fused, g_fused), (plain, g_plain) = results
+    torch.testing.assert_close(fused.reconstruction, plain.reconstruction, rtol=1e-8, atol=1e-5)
+    torch.testing.assert_close(fused.kl, plain.kl)
+    for name, grad in g_plain.items():
+        torch.testing.assert_close(g_fused[name], grad, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_query_step_with_cached_terms_equals_plain_loss() -> None:
+    """Query training's shortcuts (cached first layer, per-cell log-gamma) change nothing."""
+    from hubarches.surgery import grow
+    from hubarches.train import first_layer_expression, frozen_log_gamma
+
+    cfg = ModelConfig(n_genes=30, covariate_sizes=(2,), n_hidden=16, n_latent=4, dropout=0.0)
+    ref = build_model(cfg, seed=0).double()
+    ref.trained.fill_(True)
+    ext = grow(ref, (2,)).double()
+    ext.eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.poisson(torch.rand(16, 30, generator=gen, dtype=torch.float64) * 3, generator=gen)
+    x[:, 0] += 1
+    codes = (torch.arange(16) % 4).unsqueeze(1)
+    counts = CountMatrix.from_matrix(x.numpy())
+    first = first_layer_expression(ext, counts).double()
+    log_gamma = frozen_log_gamma(ext, counts, codes)
+    assert log_gamma is not None
+    results = []
+    for use_cache in (True, False):
+        ext.zero_grad()
+        kwargs = {"first_expression": first, "log_gamma": log_gamma.double()} if use_cache else {}
+        fn = ext.loss if use_cache else ext.plain_loss
+        terms = fn(x, codes, generator=torch.Generator().manual_seed(3), **kwargs)
+        terms.total(1.0).backward()
+        results.append((terms, [p.grad.clone() for p in ext.parameters() if p.requires_grad]))
+    (fast, g_fast), (plain, g_plain) = results
+    torch.testing.assert_close(fast.reconstruction, plain.reconstruction, rtol=1e-6, atol=1e-4)
+    assert len(g_fast) == len(g_plain) > 0
+    for a, b in zip(g_fast, g_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,178 @@
+"""The decoder's likelihood with hand-derived gradients: one pass forward, none backward.
+
+Autograd through :mod:`hubarches.likelihoods` keeps a dozen cells × genes intermediates and
+walks them back one kernel at a time; the per-step cost of scVI-style training is dominated
+by that elementwise work, not by matrix multiplies. Here the negative log-likelihood and its
+gradients with respect to the softmax logits ``a``, the dropout logits ``p`` and the log
+inverse dispersion ``log θ`` are computed together in the forward pass and merely scaled in
+the backward pass. With ``ρ = softmax(a)``, ``μ = l·ρ``, ``t = θ + μ``, ``w = θ log(θ/t)``:
+
+* NB:   ``log p = w + x log(μ/t) + C``;  ZINB, x > 0: ``log p = w + x log(μ/t) − softplus(p) + C``;
+  ZINB, x = 0: ``log p = softplus(w − p) − softplus(−p)``;  Poisson: ``x log μ − μ + C``,
+  where ``C = log Γ(x+θ) − log Γ(θ) − log Γ(x+1)`` (Poisson: ``−log Γ(x+1)``).
+* ``∂ log p/∂μ · μ = θ/t · (x − μ q)`` with ``q = 1`` for x > 0 (and NB), ``σ(w − p)`` for a
+  ZINB zero; the softmax turns it into ``∂/∂a = v − ρ Σ_g v_g``.
+
+``C`` is left out of the fused part: it involves only the nonzero entries of ``x``, so
+:func:`nonzero_log_gamma` evaluates it on those alone — and when ``θ`` is frozen (query
+training) it is a per-cell constant, computed once for the whole query.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from torch.nn.functional import softplus
+
+__all__ = ["SoftmaxCountNLL", "count_nll", "elementwise_core", "nonzero_log_gamma"]
+
+COMPILE_ENV = "HUBARCHES_COMPILE"
+"""``1`` compiles the elementwise core with torch.compile (fuses it into a few loops),
+``0`` never does; unset: eager. Compiling needs a C++ compiler at run time."""
+
+Core = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+
+
+def elementwise_core(
+    a: torch.Tensor,
+    p: torch.Tensor | None,
+    x: torch.Tensor,
+    log_library: torch.Tensor,
+    theta: torch.Tensor | None,
+    log_theta: torch.Tensor | None,
+    *,
+    zinb: bool,
+    want_theta: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-cell NLL without ``C`` and its gradients w.r.t. ``a``, ``p`` and ``log θ``.
+
+    ``theta``/``log_theta`` are ``[G]`` or ``[B, G]``; None means Poisson. Returns
+    ``(nll [B], d/da [B, G], d/dp [B, G] or None, d/dlog θ [B, G] or None)``.
+    """
+    m = a.amax(dim=1, keepdim=True)
+    e = torch.exp(a - m)
+    s = e.sum(dim=1, keepdim=True)
+    rho = e / s
+    lib = torch.exp(log_library).unsqueeze(1)
+    mu = lib * rho
+    log_mu = (log_library.unsqueeze(1) - m - torch.log(s)) + a
+    if theta is None or log_theta is None:  # Poisson
+        ll = x * log_mu - mu
+        v = x - mu
+        grad_a = v - rho * v.sum(dim=1, keepdim=True)
+        return -ll.sum(dim=1), -grad_a, None, None
+    t = theta + mu
+    log_t = torch.log(t)
+    w = theta * (log_theta - log_t)
+    nonzero = x > 0
+    lin = w + x * (log_mu - log_t)
+    grad_p = None
+    if zinb:
+        assert p is not None
+        sp_neg = softplus(-p)
+        y = w - p
+        sig_y = torch.sigmoid(y)
+        ll = torch.where(nonzero, lin - sp_neg - p, softplus(y) - sp_neg)
+        q = torch.where(nonzero, torch.ones_like(sig_y), sig_y)
+        sig_p = torch.sigmoid(p)
+        grad_p = -torch.where(nonzero, -sig_p, (1.0 - sig_p) - sig_y)
+        v = theta / t * (x - mu * q)
+    else:
+        ll = lin
+        q = None
+        v = theta / t * (x - mu)
+    grad_a = v - rho * v.sum(dim=1, keepdim=True)
+    grad_log_theta = None
+    if want_theta:
+        dw = log_theta - log_t + mu / t
+        grad_theta = (dw if q is None else q * dw) - x / t
+        grad_log_theta = -(theta * grad_theta)
+    return -ll.sum(dim=1), -grad_a, grad_p, grad_log_theta
+
+
+_compiled: dict[str, Core] = {}
+
+
+def _core() -> Core:
+    """The elementwise core, compiled when ``HUBARCHES_COMPILE=1`` (eager otherwise)."""
+    if os.environ.get(COMPILE_ENV, "0") != "1":
+        return elementwise_core
+    if "core" not in _compiled:
+        _compiled["core"] = torch.compile(elementwise_core, dynamic=False)
+    return _compiled["core"]
+
+
+class SoftmaxCountNLL(torch.autograd.Function):
+    """Autograd wrapper: the core runs in forward; backward only scales its gradients."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        a: torch.Tensor,
+        p: torch.Tensor | None,
+        log_theta: torch.Tensor | None,
+        x: torch.Tensor,
+        log_library: torch.Tensor,
+        zinb: bool,
+    ) -> torch.Tensor:
+        """Per-cell NLL (without the log-gamma terms)."""
+        want_theta = log_theta is not None and ctx.needs_input_grad[2]
+        theta = None if log_theta is None else torch.exp(log_theta)
+        nll, grad_a, grad_p, grad_lt = _core()(
+            a, p, x, log_library, theta, log_theta, zinb=zinb, want_theta=want_theta
+        )
+        ctx.save_for_backward(grad_a, grad_p, grad_lt)
+        ctx.theta_shape = None if log_theta is None else log_theta.shape
+        return nll
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_nll: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        """Scale the saved per-cell gradients by the incoming per-cell weights."""
+        grad_a, grad_p, grad_lt = ctx.saved_tensors
+        scale = grad_nll.unsqueeze(1)
+        out_p = None if grad_p is None else grad_p * scale
+        out_lt = None
+        if grad_lt is not None:
+            out_lt = grad_lt * scale
+            if len(ctx.theta_shape) == 1:
+                out_lt = out_lt.sum(dim=0)
+        return grad_a * scale, out_p, out_lt, None, None, None
+
+
+def nonzero_log_gamma(
+    theta: torch.Tensor | None,
+    nz_rows: torch.Tensor,
+    nz_cols: torch.Tensor,
+    nz_values: torch.Tensor,
+    n_cells: int,
+    *,
+    include_data_term: bool = True,
+) -> torch.Tensor:
+    """``Σ_g C(x_g, θ_g)`` per cell, evaluated on the nonzero counts only (differentiable).
+
+    ``C = log Γ(x+θ) − log Γ(θ) − log Γ(x+1)`` vanishes where ``x = 0``; for Poisson
+    (``theta`` None) only ``−log Γ(x+1)`` remains.
+    """
+    terms = -torch.lgamma(nz_values + 1.0) if include_data_term else torch.zeros_like(nz_values)
+    if theta is not None:
+        th = theta[nz_cols] if theta.dim() == 1 else theta[nz_rows, nz_cols]
+        terms = terms + torch.lgamma(nz_values + th) - torch.lgamma(th)
+    out = torch.zeros(n_cells, dtype=nz_values.dtype, device=nz_values.device)
+    return out.index_add(0, nz_rows, terms)
+
+
+def count_nll(
+    a: torch.Tensor,
+    p: torch.Tensor | None,
+    log_theta: torch.Tensor | None,
+    x: torch.Tensor,
+    log_library: torch.Tensor,
+    *,
+    zinb: bool,
+) -> torch.Tensor:
+    """Per-cell NLL without the log-gamma terms, differentiable in ``a``, ``p``, ``log θ``."""
+    return SoftmaxCountNLL.apply(a, p, log_theta, x, log_library, zinb)
