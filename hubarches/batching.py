@@ -1,12 +1,17 @@
 """Minibatches from sparse counts: the matrix stays CSR until a batch is formed.
 
-Also the device choice and batched embedding, which every caller of the model needs.
+Two sources share one interface (:class:`Counts`): :class:`CountMatrix` holds a CSR matrix
+in memory; :class:`StreamedCounts` reads row blocks on demand (e.g. from a backed ``.h5ad``)
+so that a query of millions of cells never sits in memory. Training shuffles blocks, then
+cells within a block: for an in-memory matrix, one block is the whole matrix and this is a
+plain global shuffle. Also here: the device choice and batched embedding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import scipy.sparse as sp
@@ -15,10 +20,21 @@ import torch
 from hubarches.errors import ModelError
 from hubarches.model import CVAE
 
-__all__ = ["CountMatrix", "Minibatch", "embed_matrix", "pick_device"]
+__all__ = [
+    "BLOCK_CELLS",
+    "CountMatrix",
+    "Counts",
+    "Minibatch",
+    "StreamedCounts",
+    "embed_matrix",
+    "pick_device",
+]
 
 EMBED_BATCH_SIZE = 4096
 """Cells per forward pass when embedding; large batches amortise per-call overhead."""
+BLOCK_CELLS = 65_536
+"""Cells read at once from a streamed source: large enough for sequential reads and a good
+shuffle, small enough (≈ 250 MB dense at 1000 genes) to keep memory bounded."""
 
 
 def pick_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -35,6 +51,19 @@ class Minibatch:
     x: torch.Tensor
     nonzero: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
+    @classmethod
+    def from_csr(cls, sub: sp.csr_matrix) -> Minibatch:
+        """Densify a few CSR rows, keeping their nonzero coordinates."""
+        nz_rows = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
+        return cls(
+            x=torch.from_numpy(sub.toarray()),
+            nonzero=(
+                torch.from_numpy(nz_rows),
+                torch.from_numpy(sub.indices.astype(np.int64)),
+                torch.from_numpy(sub.data),
+            ),
+        )
+
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Minibatch:
         """The same batch on ``device``, counts as ``dtype``."""
         if device.type == "cpu" and dtype == self.x.dtype:
@@ -46,9 +75,38 @@ class Minibatch:
         )
 
 
+@runtime_checkable
+class Counts(Protocol):
+    """Counts (cells × genes) that can be read in sequential blocks and shuffled batches."""
+
+    @property
+    def n_cells(self) -> int:
+        """Number of cells (rows)."""
+        ...
+
+    @property
+    def n_genes(self) -> int:
+        """Number of genes (columns)."""
+        ...
+
+    def library(self) -> np.ndarray:
+        """Total counts per cell."""
+        ...
+
+    def blocks(self, size: int) -> Iterator[tuple[int, CountMatrix]]:
+        """Consecutive row blocks ``(first row, block)`` covering every cell, in order."""
+        ...
+
+    def batches(
+        self, rows: np.ndarray, batch_size: int, rng: np.random.Generator
+    ) -> Iterator[tuple[np.ndarray, Minibatch]]:
+        """Shuffled minibatches ``(row indices, batch)`` over the given rows, once each."""
+        ...
+
+
 @dataclass(frozen=True)
 class CountMatrix:
-    """Counts (cells × genes) kept as CSR; dense only for the rows of one minibatch."""
+    """Counts kept as CSR in memory; dense only for the rows of one minibatch."""
 
     csr: sp.csr_matrix
 
@@ -69,6 +127,11 @@ class CountMatrix:
         """Number of columns."""
         return self.csr.shape[1]
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_cells, n_genes)``."""
+        return (self.csr.shape[0], self.csr.shape[1])
+
     def library(self) -> np.ndarray:
         """Total counts per cell."""
         return np.asarray(self.csr.sum(axis=1), dtype=np.float32).ravel()
@@ -79,27 +142,93 @@ class CountMatrix:
 
     def minibatch(self, rows: np.ndarray) -> Minibatch:
         """The given rows, dense, together with the coordinates of their nonzero counts."""
-        sub = self.csr[rows]
-        nz_rows = np.repeat(np.arange(len(rows)), np.diff(sub.indptr))
-        return Minibatch(
-            x=torch.from_numpy(sub.toarray()),
-            nonzero=(
-                torch.from_numpy(nz_rows),
-                torch.from_numpy(sub.indices.astype(np.int64)),
-                torch.from_numpy(sub.data),
-            ),
-        )
+        return Minibatch.from_csr(self.csr[rows])
 
-    def chunks(self, size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """Consecutive row chunks ``(rows, dense)`` covering the whole matrix."""
+    def blocks(self, size: int) -> Iterator[tuple[int, CountMatrix]]:
+        """Consecutive row blocks covering the matrix."""
         for start in range(0, self.n_cells, size):
-            stop = min(self.n_cells, start + size)
-            yield np.arange(start, stop), torch.from_numpy(self.csr[start:stop].toarray())
+            yield start, CountMatrix(self.csr[start : min(self.n_cells, start + size)])
+
+    def batches(
+        self, rows: np.ndarray, batch_size: int, rng: np.random.Generator
+    ) -> Iterator[tuple[np.ndarray, Minibatch]]:
+        """A global shuffle of ``rows`` cut into minibatches."""
+        order = rows[rng.permutation(len(rows))]
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            yield chunk, self.minibatch(chunk)
+
+
+@dataclass
+class StreamedCounts:
+    """Counts read block by block through ``read(start, stop) -> CSR``; never all in memory.
+
+    ``read`` returns the rows ``start:stop`` as CSR float32 with ``n_genes`` columns (the
+    query pipeline aligns genes and checks counts there). Per-cell library sizes are
+    computed on the first pass and kept (one float per cell).
+    """
+
+    read: Callable[[int, int], sp.csr_matrix]
+    n_cells: int
+    n_genes: int
+    block_cells: int = BLOCK_CELLS
+    _library: np.ndarray | None = field(default=None, repr=False)
+    _cached: CountMatrix | None = field(default=None, repr=False)
+
+    def _block(self, start: int) -> CountMatrix:
+        """Read one block; a source of a single block is read once and kept."""
+        if self._cached is not None:
+            return self._cached
+        stop = min(self.n_cells, start + self.block_cells)
+        block = CountMatrix.from_matrix(self.read(start, stop))
+        if block.shape != (stop - start, self.n_genes):
+            raise ModelError(
+                f"a block of rows {start}:{stop} has shape {block.shape}, expected "
+                f"{(stop - start, self.n_genes)}"
+            )
+        if self.n_cells <= self.block_cells:
+            self._cached = block
+        return block
+
+    def set_library(self, library: np.ndarray) -> None:
+        """Record library sizes computed while the data was read for another purpose."""
+        if library.shape != (self.n_cells,):
+            raise ModelError(f"expected {self.n_cells} library sizes, got {library.shape}")
+        self._library = library
+
+    def library(self) -> np.ndarray:
+        """Total counts per cell (one pass over the data the first time)."""
+        if self._library is None:
+            lib = np.empty(self.n_cells, dtype=np.float32)
+            for start, block in self.blocks(self.block_cells):
+                lib[start : start + block.n_cells] = block.library()
+            self._library = lib
+        return self._library
+
+    def blocks(self, size: int) -> Iterator[tuple[int, CountMatrix]]:
+        """Blocks read sequentially; ``size`` subdivides each read block."""
+        for start in range(0, self.n_cells, self.block_cells):
+            block = self._block(start)
+            yield from ((start + s, b) for s, b in block.blocks(size))
+
+    def batches(
+        self, rows: np.ndarray, batch_size: int, rng: np.random.Generator
+    ) -> Iterator[tuple[np.ndarray, Minibatch]]:
+        """Blocks in random order, cells shuffled within each block."""
+        block_of = rows // self.block_cells
+        present = np.unique(block_of)
+        # One block: the same draws as an in-memory matrix, so results do not depend on it.
+        for b in present if len(present) == 1 else rng.permutation(present):
+            start = int(b) * self.block_cells
+            block = self._block(start)
+            local = rows[block_of == b] - start
+            for chunk, batch in block.batches(local, batch_size, rng):
+                yield chunk + start, batch
 
 
 def embed_matrix(
     model: CVAE,
-    counts: CountMatrix,
+    counts: Counts,
     codes: np.ndarray,
     *,
     batch_size: int = EMBED_BATCH_SIZE,
@@ -117,7 +246,9 @@ def embed_matrix(
     generator = torch.Generator(device=dev).manual_seed(seed) if sample else None
     out = np.empty((counts.n_cells, model.config.n_latent), dtype=np.float32)
     codes_t = torch.as_tensor(codes, dtype=torch.int64)
-    for rows, x in counts.chunks(batch_size):
-        z = model.embed(x.to(dev), codes_t[rows].to(dev), sample=sample, generator=generator)
-        out[rows] = z.cpu().numpy()
+    for start, block in counts.blocks(batch_size):
+        stop = start + block.n_cells
+        x = torch.from_numpy(block.csr.toarray()).to(dev)
+        z = model.embed(x, codes_t[start:stop].to(dev), sample=sample, generator=generator)
+        out[start:stop] = z.cpu().numpy()
     return out

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from hubarches import batching
+from hubarches.batching import CountMatrix, Counts, StreamedCounts
 from hubarches.errors import (
     CountsError,
     CovariateError,
@@ -186,6 +188,33 @@ def _row_chunks(matrix: Any, n_cells: int) -> Iterator[Any]:
         yield matrix[start : min(n_cells, start + CHUNK_CELLS)]
 
 
+def _streamed_counts(adata: Any, alignment: GeneAlignment, *, layer: str | None) -> Counts:
+    """A backed query as blocks read on demand; every block is aligned and checked once here.
+
+    The checking pass also computes the library sizes, so training never meets bad counts
+    half-way; later reads only align (O(nnz)) without checking again.
+    """
+    matrix = _source_matrix(adata, layer)
+    source = "X" if layer is None else layer
+    layers = list(adata.layers)
+
+    def read(start: int, stop: int) -> sp.csr_matrix:
+        return alignment.transform(matrix[start:stop])
+
+    counts = StreamedCounts(
+        read=read,
+        n_cells=adata.n_obs,
+        n_genes=len(alignment.reference_genes),
+        block_cells=batching.BLOCK_CELLS,
+    )
+    library = np.empty(adata.n_obs, dtype=np.float32)
+    for start, block in counts.blocks(counts.block_cells):
+        check_counts(block.csr, source=source, available_layers=layers)
+        library[start : start + block.n_cells] = block.library()
+    counts.set_library(library)
+    return counts
+
+
 def _aligned_counts(adata: Any, alignment: GeneAlignment, *, layer: str | None) -> sp.csr_matrix:
     """Align and check ``X`` (or ``layer``) chunk by chunk; CSR float32, reference order."""
     matrix = _source_matrix(adata, layer)
@@ -339,12 +368,17 @@ class QueryReport:
 
 @dataclass(frozen=True, eq=False)
 class PreparedQuery:
-    """A query ready for surgery: counts in reference gene order, covariate codes, a mask."""
+    """A query ready for surgery: counts in reference gene order, covariate codes, a mask.
 
-    X: sp.csr_matrix = field(repr=False)
+    ``counts`` serves the model either way; ``X`` is the aligned matrix for an in-memory
+    query and None for a backed one, which is streamed block by block instead.
+    """
+
+    X: sp.csr_matrix | None = field(repr=False)
     covariates: CovariateEncoding
     trainable: np.ndarray = field(repr=False)
     report: QueryReport
+    counts: Counts = field(repr=False, default=None)  # type: ignore[assignment]
 
 
 def _require_cells(adata: Any, what: str) -> None:
@@ -395,8 +429,13 @@ def prepare_query(
         query_var=adata.var,
         gene_key=gene_key,
     )
-    matrix = _aligned_counts(adata, alignment, layer=layer)
-    trainable = np.diff(matrix.indptr) > 0
+    if getattr(adata, "isbacked", False):
+        matrix = None
+        counts: Counts = _streamed_counts(adata, alignment, layer=layer)
+    else:
+        matrix = _aligned_counts(adata, alignment, layer=layer)
+        counts = CountMatrix(matrix)
+    trainable = counts.library() > 0
     n_zero = int(adata.n_obs - np.count_nonzero(trainable))
     if n_zero > ZERO_COUNT_WARN_FRACTION * adata.n_obs:
         warn(
@@ -416,7 +455,9 @@ def prepare_query(
     logger.info(
         "prepared %d query cells (%d without counts on reference genes)", adata.n_obs, n_zero
     )
-    return PreparedQuery(X=matrix, covariates=encoding, trainable=trainable, report=report)
+    return PreparedQuery(
+        X=matrix, covariates=encoding, trainable=trainable, report=report, counts=counts
+    )
 
 
 # --- reference --------------------------------------------------------------------------------

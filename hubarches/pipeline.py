@@ -288,7 +288,7 @@ def map_query(
     plan = plan_surgery(reference.covariates, prepared.covariates.new_categories)
     model = grow(reference.model, plan.n_new, seed=seed)
     timings["surgery"], clock = time.perf_counter() - clock, time.perf_counter()
-    counts = CountMatrix.from_matrix(prepared.X)
+    counts = prepared.counts
     codes = prepared.covariates.codes
     options = TrainOptions(
         epochs=epochs,
@@ -347,7 +347,7 @@ def _annotate(
         return None, None
     index = build_index(emb.latent)
     distances, neighbors = index.query(latent, min(k, index.n_cells))
-    scores = quality_from_neighbors(index, distances, threshold=quality)
+    scores = quality_from_neighbors(index, distances, neighbors, threshold=quality)
     if not prepared.trainable.all():
         ok = scores.ok & prepared.trainable
         scores = replace(scores, ok=ok, n_flagged=int((~ok).sum()))
@@ -446,7 +446,11 @@ def _output_adata(
     quality: MappingQuality | None,
     report: dict[str, Any],
 ) -> ad.AnnData:
-    """The input's cells, obs, var and X (not copied), plus the mapping's results."""
+    """The input's cells, obs, var and X (not copied), plus the mapping's results.
+
+    A backed input's X stays on disk (X is None here); :func:`write_mapped` copies it into
+    the output file without reading it into memory.
+    """
     obs = adata.obs.copy()
     if labels is not None:
         categories = [*labels.categories, UNKNOWN_LABEL]
@@ -456,11 +460,12 @@ def _output_adata(
     if quality is not None:
         obs[OBS_SCORE] = quality.score
         obs[OBS_OK] = quality.ok
+    backed = bool(getattr(adata, "isbacked", False))
     out = ad.AnnData(
-        X=adata.X,
+        X=None if backed else adata.X,
         obs=obs,
         var=adata.var.copy(),
-        layers={k: v for k, v in adata.layers.items()},
+        layers={} if backed else dict(adata.layers.items()),
         obsm={**dict(adata.obsm), LATENT_KEY: latent},
         uns={**dict(adata.uns), UNS_KEY: _for_h5ad(report)},
     )

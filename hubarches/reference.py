@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hubarches.batching import CountMatrix, embed_matrix
+from hubarches.batching import embed_matrix
 from hubarches.bundle import EMBEDDING_FILE, read_tensors, verify_bundle, write_bundle
 from hubarches.errors import CovariateError, WeightsError
 from hubarches.manifest import Manifest, manifest_digest
@@ -206,7 +206,7 @@ class Reference:
             )
         return embed_matrix(
             self.model,
-            CountMatrix.from_matrix(prepared.X),
+            prepared.counts,
             prepared.covariates.codes,
             sample=sample,
             seed=seed,

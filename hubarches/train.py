@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hubarches.batching import CountMatrix, pick_device
+from hubarches.batching import Counts, Minibatch, pick_device
 from hubarches.errors import ModelError, SurgeryError, TrainingError
 from hubarches.fastlik import nonzero_log_gamma
 from hubarches.model import CVAE, LossTerms
@@ -112,7 +112,8 @@ class History:
 Progress = Callable[[EpochStats, int], None]
 """Called after each epoch with its statistics and the planned number of epochs."""
 
-StepLoss = Callable[[np.ndarray, torch.Generator], LossTerms]
+StepLoss = Callable[[np.ndarray, Minibatch, torch.Generator], LossTerms]
+"""Loss terms of a minibatch given its row indices and its counts."""
 
 
 def _split(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -122,23 +123,30 @@ def _split(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarra
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def _kl_weight(epoch: int, warmup: int) -> float:
+    """Linear KL warm-up from 0 at the first epoch to 1 after ``warmup`` epochs."""
+    return min(1.0, epoch / warmup) if warmup > 0 else 1.0
+
+
 def _run(
     model: CVAE,
     parameters: Sequence[torch.nn.Parameter],
     step_loss: StepLoss,
-    n_cells: int,
+    counts: Counts,
+    rows: np.ndarray,
     options: TrainOptions,
     *,
     set_mode: Callable[[], None],
     progress: Progress | None,
 ) -> History:
-    """The epoch loop shared by reference and query training."""
-    epochs = options.epochs if options.epochs is not None else default_epochs(n_cells)
+    """The epoch loop shared by reference and query training, over the cells ``rows``."""
+    epochs = options.epochs if options.epochs is not None else default_epochs(len(rows))
     rng = np.random.default_rng(options.seed)
     val_fraction = options.validation_fraction
     if options.early_stopping_patience is not None and val_fraction == 0.0:
         val_fraction = 0.1
-    train_rows, val_rows = _split(n_cells, val_fraction, rng)
+    train_idx, val_idx = _split(len(rows), val_fraction, rng)
+    train_rows, val_rows = rows[train_idx], rows[val_idx]
     history = History(n_train_cells=len(train_rows), n_validation_cells=len(val_rows))
     if len(train_rows) == 0 or not parameters or epochs == 0:
         return history
@@ -147,36 +155,35 @@ def _run(
     optimizer = torch.optim.Adam(
         parameters, lr=options.lr, eps=options.adam_eps, weight_decay=options.weight_decay
     )
+    dtype = next(model.parameters()).dtype
     best, since_best = math.inf, 0
     for epoch in range(epochs):
-        kl_weight = (
-            min(1.0, epoch / options.kl_warmup_epochs) if options.kl_warmup_epochs > 0 else 1.0
-        )
+        kl_weight = _kl_weight(epoch, options.kl_warmup_epochs)
         set_mode()
-        order = train_rows[rng.permutation(len(train_rows))]
-        sums = np.zeros(3)
-        for start in range(0, len(order), options.batch_size):
-            rows = order[start : start + options.batch_size]
-            if len(rows) < 2 and len(order) > 1:
+        # Sums stay on the device: reading a loss back every step would synchronise a GPU.
+        sums = torch.zeros(3, device=device, dtype=torch.float64)
+        seen = 0
+        for batch_rows, batch in counts.batches(train_rows, options.batch_size, rng):
+            if len(batch_rows) < 2 and len(train_rows) > 1:
                 continue  # a one-cell batch would break batch norm and adds only noise
-            terms = step_loss(rows, generator)
+            terms = step_loss(batch_rows, batch.to(device, dtype), generator)
             loss = terms.total(kl_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             with torch.no_grad():
-                sums += len(rows) * np.array(
-                    [float(loss), float(terms.reconstruction.mean()), float(terms.kl.mean())]
-                )
-        mean = sums / len(order)
+                part = torch.stack([loss, terms.reconstruction.mean(), terms.kl.mean()])
+                sums += len(batch_rows) * part.double()
+            seen += len(batch_rows)
+        mean = (sums / max(seen, 1)).cpu().numpy()
         if not np.all(np.isfinite(mean)):
             raise TrainingError(
                 f"the loss became non-finite in epoch {epoch}",
                 hint="Check that the input holds raw counts, or lower the learning rate",
             )
-        val_loss = (
-            _validation_loss(model, step_loss, val_rows, generator) if len(val_rows) else None
-        )
+        val_loss = None
+        if len(val_rows):
+            val_loss = _validation_loss(model, step_loss, counts, val_rows, rng, generator)
         stats = EpochStats(
             epoch, float(mean[0]), float(mean[1]), float(mean[2]), kl_weight, val_loss
         )
@@ -196,19 +203,26 @@ def _run(
 
 
 def _validation_loss(
-    model: CVAE, step_loss: StepLoss, rows: np.ndarray, generator: torch.Generator
+    model: CVAE,
+    step_loss: StepLoss,
+    counts: Counts,
+    rows: np.ndarray,
+    rng: np.random.Generator,
+    generator: torch.Generator,
 ) -> float:
     """Mean ELBO loss (KL weight 1) of the held-out cells, in eval mode."""
     model.eval()
-    total = 0.0
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    total = torch.zeros((), device=device, dtype=torch.float64)
     with torch.no_grad():
-        for start in range(0, len(rows), 1024):
-            chunk = rows[start : start + 1024]
-            total += float(step_loss(chunk, generator).total(1.0)) * len(chunk)
-    return total / len(rows)
+        for batch_rows, batch in counts.batches(rows, 1024, rng):
+            terms = step_loss(batch_rows, batch.to(device, dtype), generator)
+            total += terms.total(1.0).double() * len(batch_rows)
+    return float(total) / len(rows)
 
 
-def _check_codes(model: CVAE, counts: CountMatrix, codes: np.ndarray) -> torch.Tensor:
+def _check_codes(model: CVAE, counts: Counts, codes: np.ndarray) -> torch.Tensor:
     """Validate covariate codes against the model and return them as a tensor."""
     cfg = model.config
     if counts.n_genes != cfg.n_genes:
@@ -225,7 +239,7 @@ def _check_codes(model: CVAE, counts: CountMatrix, codes: np.ndarray) -> torch.T
 
 def train_reference(
     model: CVAE,
-    counts: CountMatrix,
+    counts: Counts,
     codes: np.ndarray,
     *,
     options: TrainOptions | None = None,
@@ -241,8 +255,7 @@ def train_reference(
     for p in model.parameters():
         p.requires_grad_(True)
 
-    def step_loss(rows: np.ndarray, generator: torch.Generator) -> LossTerms:
-        batch = counts.minibatch(rows).to(device)
+    def step_loss(rows: np.ndarray, batch: Minibatch, generator: torch.Generator) -> LossTerms:
         return model.loss(
             batch.x, codes_t[rows].to(device), generator=generator, nonzero=batch.nonzero
         )
@@ -253,7 +266,8 @@ def train_reference(
             model,
             list(model.parameters()),
             step_loss,
-            counts.n_cells,
+            counts,
+            np.arange(counts.n_cells),
             options,
             set_mode=model.train,
             progress=progress,
@@ -262,51 +276,53 @@ def train_reference(
     return history
 
 
-def first_layer_expression(
-    model: CVAE, counts: CountMatrix, *, batch_size: int = 4096
-) -> torch.Tensor:
+def first_layer_expression(model: CVAE, counts: Counts, *, block: int = 4096) -> torch.Tensor:
     """``W_x log1p(x) + b`` of the first encoder layer for every cell, computed once."""
     first = model.encoder.mlp.blocks[0].linear.expression
-    device = first.weight.device
-    out = torch.empty(counts.n_cells, first.out_features, device=device, dtype=first.weight.dtype)
+    device, dtype = first.weight.device, first.weight.dtype
+    out = torch.empty(counts.n_cells, first.out_features, device=device, dtype=dtype)
     with torch.no_grad():
-        for rows, x in counts.chunks(batch_size):
-            x = x.to(device, first.weight.dtype)
-            out[torch.as_tensor(rows, device=device)] = first(torch.log1p(x))
+        for start, part in counts.blocks(block):
+            x = torch.from_numpy(part.csr.toarray()).to(device, dtype)
+            out[start : start + part.n_cells] = first(torch.log1p(x))
     return out
 
 
+def _dispersion_trains(model: CVAE) -> bool:
+    """Whether any dispersion parameter is trainable (new batches, gene-batch dispersion)."""
+    disp = model.dispersion
+    if isinstance(disp, torch.nn.Module):
+        return any(p.requires_grad for p in disp.parameters())
+    return disp is not None and disp.requires_grad
+
+
 def frozen_log_gamma(
-    model: CVAE, counts: CountMatrix, codes: torch.Tensor, *, batch_size: int = 4096
+    model: CVAE, counts: Counts, codes: torch.Tensor, *, block: int = 4096
 ) -> torch.Tensor | None:
-    """The likelihood's log-gamma terms per cell, when no dispersion they use can train.
+    """The likelihood's log-gamma terms per cell, when the dispersion they use is frozen.
 
     They depend only on the counts and θ; with θ frozen they are constants of query
     training, computed once here instead of every step. None when θ trains (new batches
     with gene-batch dispersion).
     """
-    disp = model.dispersion
-    params = [disp] if isinstance(disp, torch.nn.Parameter) else []
-    if isinstance(disp, torch.nn.Module):
-        params = list(disp.parameters())
-    if any(p.requires_grad for p in params):
+    if _dispersion_trains(model):
         return None
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     out = torch.empty(counts.n_cells, device=device, dtype=dtype)
     with torch.no_grad():
-        for start in range(0, counts.n_cells, batch_size):
-            rows = np.arange(start, min(counts.n_cells, start + batch_size))
-            batch = counts.minibatch(rows).to(device, dtype)
-            log_theta = model.log_dispersion(codes[rows].to(device))
+        for start, part in counts.blocks(block):
+            stop = start + part.n_cells
+            batch = part.minibatch(np.arange(part.n_cells)).to(device, dtype)
+            log_theta = model.log_dispersion(codes[start:stop].to(device))
             theta = None if log_theta is None else torch.exp(log_theta)
-            out[start : rows[-1] + 1] = nonzero_log_gamma(theta, *batch.nonzero, n_cells=len(rows))
+            out[start:stop] = nonzero_log_gamma(theta, *batch.nonzero, n_cells=part.n_cells)
     return out
 
 
 def train_query(
     extension: CVAE,
-    counts: CountMatrix,
+    counts: Counts,
     codes: np.ndarray,
     *,
     options: TrainOptions | None = None,
@@ -336,13 +352,11 @@ def train_query(
                 if isinstance(m, torch.nn.Dropout):
                     m.train()
 
-    def step_loss(rows: np.ndarray, generator: torch.Generator) -> LossTerms:
-        cells = keep[rows]
-        index = torch.as_tensor(cells, device=device)
-        batch = counts.minibatch(cells).to(device)
+    def step_loss(rows: np.ndarray, batch: Minibatch, generator: torch.Generator) -> LossTerms:
+        index = torch.as_tensor(rows, device=device)
         return extension.loss(
             batch.x,
-            codes_t[cells].to(device),
+            codes_t[rows].to(device),
             first_expression=first_expression[index],
             generator=generator,
             log_gamma=None if log_gamma is None else log_gamma[index],
@@ -355,7 +369,8 @@ def train_query(
             extension,
             trainable,
             step_loss,
-            len(keep),
+            counts,
+            keep,
             options,
             set_mode=set_mode,
             progress=progress,
