@@ -229,9 +229,7 @@ def simulate_reference_and_query(
         "ref_",
     )[:, :n_genes].copy()
     ref.obs["cell_type"] = ref.obs["cell_type"].cat.remove_unused_categories()
-    query = _to_anndata(
-        world.sample_chunks(n_query, qry_names, seed=seed + 2), world.genes, "qry_"
-    )
+    query = _to_anndata(world.sample_chunks(n_query, qry_names, seed=seed + 2), world.genes, "qry_")
     rng = np.random.default_rng(seed + 3)
     n_missing = round(missing_fraction * n_genes)
     keep = np.sort(rng.choice(n_genes, n_genes - n_missing, replace=False))

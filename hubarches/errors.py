@@ -15,9 +15,9 @@ that explain it as attributes, and its message says what to do next::
     ├── BundleError
     │   ├── BundleExistsError          (FileExistsError)  never write over a directory
     │   ├── IntegrityError             (ValueError)       missing file, size or sha256 mismatch
-    │   ├── ManifestError              (ValueError)       unknown fields, wrong types, bad paths
+    │   ├── ManifestError              (ValueError)       unknown fields, bad types or paths
     │   │   └── ManifestVersionError                      written by a newer hubarches
-    │   └── WeightsError               (ValueError)       not safetensors, missing/unexpected tensors
+    │   └── WeightsError               (ValueError)       not safetensors, wrong tensors
     ├── DataError                      (ValueError)
     │   ├── GeneAlignmentError                            too few shared genes, duplicates, id types
     │   ├── CountsError                                   negative, non-integer, log-normalized
@@ -161,14 +161,14 @@ class RegistryAccessError(RegistryError, PermissionError):
 class RegistryOfflineError(RegistryError, ConnectionError):
     """The request needs the network, which is off or unreachable."""
 
-    def __init__(
-        self, name: str, *, cached: Sequence[int] = (), pin: str | None = None
-    ) -> None:
+    def __init__(self, name: str, *, cached: Sequence[int] = (), pin: str | None = None) -> None:
         self.name = name
         self.cached = list(cached)
         self.pin = pin
-        what = f"{name}@{pin} is not in the cache" if pin else (
-            f"cannot resolve the latest version of {name!r}"
+        what = (
+            f"{name}@{pin} is not in the cache"
+            if pin
+            else (f"cannot resolve the latest version of {name!r}")
         )
         super().__init__(
             f"{what} and the registry cannot be reached (offline)",
@@ -233,8 +233,7 @@ class ManifestVersionError(ManifestError):
         self.found = found
         self.supported = supported
         super().__init__(
-            f"manifest schema_version {found} is newer than this hubarches supports "
-            f"({supported})",
+            f"manifest schema_version {found} is newer than this hubarches supports ({supported})",
             hint="Upgrade hubarches: pip install -U hubarches",
         )
 

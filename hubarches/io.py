@@ -39,7 +39,7 @@ def write_mapped(
                         if name in dst:
                             del dst[name]
                         src.copy(src[name], dst, name=name)
-        os.replace(tmp, path)
+        tmp.replace(path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -18,7 +18,7 @@ EPS = 1e-8
 
 
 def log_nb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    r"""log NB(x; μ, θ).
+    r"""Log NB(x; μ, θ).
 
     .. math:: θ\log\frac{θ}{θ+μ} + x\log\frac{μ}{θ+μ} + \log Γ(x+θ) − \log Γ(θ) − \log Γ(x+1)
     """
@@ -35,7 +35,7 @@ def log_nb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tens
 def log_zinb(
     x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor
 ) -> torch.Tensor:
-    r"""log ZINB(x; μ, θ, π) with dropout probability ``sigmoid(pi_logits)``.
+    r"""Log ZINB(x; μ, θ, π) with dropout probability ``sigmoid(pi_logits)``.
 
     For x = 0: :math:`\log(σ(π) + σ(−π)\,NB(0))`; for x > 0: :math:`\log σ(−π) + \log NB(x)`,
     written with softplus for stability.
@@ -56,5 +56,5 @@ def log_zinb(
 
 
 def log_poisson(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """log Poisson(x; μ) = x log μ − μ − log Γ(x+1)."""
+    """Log Poisson(x; μ) = x log μ − μ − log Γ(x+1)."""
     return x * torch.log(mu + EPS) - mu - torch.lgamma(x + 1)

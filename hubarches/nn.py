@@ -20,7 +20,7 @@ from torch import nn
 from hubarches.config import Normalization
 from hubarches.errors import ModelError, SurgeryError
 
-__all__ = ["CovariateLinear", "CovariateWeight", "HiddenBlock", "MLP"]
+__all__ = ["MLP", "CovariateLinear", "CovariateWeight", "HiddenBlock"]
 
 
 def _uniform_(tensor: torch.Tensor, fan_in: int, generator: torch.Generator | None) -> None:

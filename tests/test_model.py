@@ -85,7 +85,9 @@ def test_encode_covariates_false_ignores_batch() -> None:
     assert torch.equal(model.embed(x, torch.tensor([[0]])), model.embed(x, torch.tensor([[1]])))
 
 
-@pytest.mark.parametrize(("injection", "expected"), [("first", [True, False]), ("all", [True, True])])
+@pytest.mark.parametrize(
+    ("injection", "expected"), [("first", [True, False]), ("all", [True, True])]
+)
 def test_injection_depth(injection: str, expected: list[bool]) -> None:
     cfg = ModelConfig(
         n_genes=10,
@@ -118,7 +120,9 @@ def test_same_seed_same_weights_and_training() -> None:
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
     other = build_model(cfg, seed=4).state_dict()
-    assert not torch.equal(other["decoder.scale.weight"], build_model(cfg, seed=3).state_dict()["decoder.scale.weight"])
+    assert not torch.equal(
+        other["decoder.scale.weight"], build_model(cfg, seed=3).state_dict()["decoder.scale.weight"]
+    )
 
 
 def test_wrong_shapes_are_model_errors() -> None:

@@ -6,8 +6,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from hubarches import TrainOptions, train_atlas
-from hubarches import batching
+from hubarches import TrainOptions, batching, train_atlas
 from hubarches.batching import CountMatrix, StreamedCounts, embed_matrix
 from hubarches.datasets import simulate_reference_and_query
 from hubarches.io import write_mapped
@@ -38,7 +37,7 @@ def test_backed_query_maps_exactly_like_an_in_memory_one(setup) -> None:
 
 
 def test_many_blocks_stream_every_cell_once(setup, monkeypatch: pytest.MonkeyPatch) -> None:
-    reference, query, path = setup
+    reference, _, path = setup
     monkeypatch.setattr(batching, "BLOCK_CELLS", 64)
     result = reference.map(ad.read_h5ad(path, backed="r"), batch_key="batch", epochs=2)
     assert result.latent.shape == (300, reference.manifest.model.n_latent)
@@ -75,7 +74,9 @@ def test_streamed_embedding_equals_in_memory(setup) -> None:
     dense = rng.poisson(2.0, (130, len(reference.genes))).astype(np.float32)
     codes = np.zeros((130, 1), dtype=np.int64)
     memory = CountMatrix.from_matrix(dense)
-    streamed = StreamedCounts(read=lambda a, b: memory.csr[a:b], n_cells=130, n_genes=dense.shape[1], block_cells=50)
+    streamed = StreamedCounts(
+        read=lambda a, b: memory.csr[a:b], n_cells=130, n_genes=dense.shape[1], block_cells=50
+    )
     # Blocks cut the batches differently, and matrix products round by batch shape.
     np.testing.assert_allclose(
         embed_matrix(reference.model, memory, codes, batch_size=40),

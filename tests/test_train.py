@@ -118,7 +118,10 @@ def test_kl_warmup_is_linear() -> None:
     counts = CountMatrix.from_matrix(rng.poisson(3.0, (40, 10)).astype(np.float32) + 1)
     model = build_model(ModelConfig(n_genes=10, covariate_sizes=(1,), n_hidden=8))
     history = train_reference(
-        model, counts, np.zeros((40, 1), np.int64), options=TrainOptions(epochs=5, kl_warmup_epochs=4)
+        model,
+        counts,
+        np.zeros((40, 1), np.int64),
+        options=TrainOptions(epochs=5, kl_warmup_epochs=4),
     )
     assert [e.kl_weight for e in history.epochs] == [0.0, 0.25, 0.5, 0.75, 1.0]
 
@@ -127,7 +130,12 @@ def test_query_training_skips_empty_cells() -> None:
     rng = np.random.default_rng(0)
     x = rng.poisson(3.0, (30, 10)).astype(np.float32) + 1
     model = build_model(ModelConfig(n_genes=10, covariate_sizes=(1,), n_hidden=8))
-    train_reference(model, CountMatrix.from_matrix(x), np.zeros((30, 1), np.int64), options=TrainOptions(epochs=1))
+    train_reference(
+        model,
+        CountMatrix.from_matrix(x),
+        np.zeros((30, 1), np.int64),
+        options=TrainOptions(epochs=1),
+    )
     ext = grow(model, (1,))
     x[:10] = 0
     history = train_query(
@@ -156,7 +164,10 @@ def test_diverging_training_is_a_training_error() -> None:
         model.decoder.scale.bias.fill_(float("nan"))
     with pytest.raises(TrainingError, match="non-finite"):
         train_reference(
-            model, CountMatrix.from_matrix(x), np.zeros((16, 1), np.int64), options=TrainOptions(epochs=2)
+            model,
+            CountMatrix.from_matrix(x),
+            np.zeros((16, 1), np.int64),
+            options=TrainOptions(epochs=2),
         )
 
 

@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 
 from hubarches.errors import ReferenceStringError
 
-__all__ = ["Registry", "RefSpec", "VersionInfo", "parse_ref"]
+__all__ = ["RefSpec", "Registry", "VersionInfo", "parse_ref"]
 
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 _NAME_RE = re.compile(rf"^(?P<org>{_PART})/(?P<atlas>{_PART})$")
