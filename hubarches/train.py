@@ -18,7 +18,7 @@ import torch
 
 from hubarches.batching import Counts, Minibatch, pick_device
 from hubarches.errors import ModelError, SurgeryError, TrainingError
-from hubarches.fastlik import nonzero_log_gamma
+from hubarches.fastlik import compile_wanted, compiled, nonzero_log_gamma
 from hubarches.model import CVAE, LossTerms
 from hubarches.surgery import freeze_reference, new_parameters
 
@@ -52,6 +52,8 @@ class TrainOptions:
     early_stopping_patience: int | None = None
     dropout_in_query: bool = False
     device: str = "auto"
+    compile: bool | None = None
+    """torch.compile the likelihood: None decides by run length (see hubarches.fastlik)."""
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 0:
@@ -150,12 +152,46 @@ def _run(
     history = History(n_train_cells=len(train_rows), n_validation_cells=len(val_rows))
     if len(train_rows) == 0 or not parameters or epochs == 0:
         return history
+    steps = epochs * math.ceil(len(train_rows) / options.batch_size)
+    with compiled(compile_wanted(steps, options.compile)):
+        _epochs(
+            model,
+            parameters,
+            step_loss,
+            counts,
+            (train_rows, val_rows),
+            epochs,
+            options,
+            history=history,
+            set_mode=set_mode,
+            progress=progress,
+        )
+    model.eval()
+    return history
+
+
+def _epochs(
+    model: CVAE,
+    parameters: Sequence[torch.nn.Parameter],
+    step_loss: StepLoss,
+    counts: Counts,
+    split: tuple[np.ndarray, np.ndarray],
+    epochs: int,
+    options: TrainOptions,
+    *,
+    history: History,
+    set_mode: Callable[[], None],
+    progress: Progress | None,
+) -> None:
+    """Run the epochs, appending to ``history``; stop early when validation stalls."""
+    train_rows, val_rows = split
+    rng = np.random.default_rng([options.seed, 1])
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     generator = torch.Generator(device=device).manual_seed(options.seed)
     optimizer = torch.optim.Adam(
         parameters, lr=options.lr, eps=options.adam_eps, weight_decay=options.weight_decay
     )
-    dtype = next(model.parameters()).dtype
     best, since_best = math.inf, 0
     for epoch in range(epochs):
         kl_weight = _kl_weight(epoch, options.kl_warmup_epochs)
@@ -198,8 +234,6 @@ def _run(
                 if since_best >= options.early_stopping_patience:
                     history.stopped_early = True
                     break
-    model.eval()
-    return history
 
 
 def _validation_loss(
