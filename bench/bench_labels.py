@@ -6,7 +6,8 @@ Latents are Gaussian blobs, one per type, with a few types only in the query. ``
 gives isotropic blobs, the hardest case for a kd-tree (intrinsic dimension = dims); a trained
 cVAE's latent has a decaying spectrum (try ``--decay 0.7``: sd × 0.7^j along axis j). Prints
 seconds for the index build, the neighbour query, the vote, mapping quality (including the
-reference's leave-self-out scale), the total, query cells per second and the process CPU time
+leave-self-out spread of every reference cell that is some query cell's neighbour: a second
+search, of up to n-ref cells), the total, query cells per second and the process CPU time
 (a check on wall times taken on a busy machine); with several ``--eps``, agreement with the
 first.
 """
@@ -66,7 +67,7 @@ def main() -> None:
             t2 = time.perf_counter()
             transfer = labels.transfer_from_neighbors(dist, idx, ref_codes, cats)
             t3 = time.perf_counter()
-            quality = labels.quality_from_neighbors(index, dist)
+            quality = labels.quality_from_neighbors(index, dist, idx)
             t4 = time.perf_counter()
             cpu = time.process_time() - c0
             total = t4 - t0

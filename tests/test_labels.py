@@ -85,7 +85,11 @@ def test_known_types_transfer_accurately(world):
     np.testing.assert_allclose(t.uncertainty, 1.0 - t.probability, atol=1e-6)
     assert (t.probability > 0.99).mean() >= 0.99
     m = labels.mapping_quality(world["index"], world["known"])
-    assert m.ok.mean() >= 0.99  # cells of seen types map fine
+    # Cells of seen types map fine, but for a Gaussian's tail: its cells are farther from
+    # their (more central) neighbours than those from theirs. Measured here: 93.75 % ok,
+    # median score 1.07, P95 1.32.
+    assert m.ok.mean() >= 0.9
+    assert 0.9 <= np.median(m.score) <= 1.2
 
 
 def test_unseen_type_is_flagged_and_called_unknown(world):
@@ -115,8 +119,9 @@ def test_annotate_mixes_known_and_unseen(world):
     q = np.concatenate([world["known"], world["unseen"]])
     truth = np.concatenate([world["known_codes"], np.full(len(world["unseen"]), -1)])
     t, m = labels.annotate(world["index"], world["codes"], CATS, q)
-    assert (t.codes == truth).mean() >= 0.97
-    assert (m.ok == (truth >= 0)).mean() >= 0.97
+    assert (t.codes == truth).mean() >= 0.93  # measured 0.955: tails of known types flagged
+    assert (t.codes[t.codes >= 0] == truth[t.codes >= 0]).all()  # no label is wrong
+    assert (m.ok == (truth >= 0)).mean() >= 0.93
     # One query, two consumers: the same as the separate calls.
     t_alone = labels.transfer_labels(world["index"], world["codes"], CATS, q)
     np.testing.assert_array_equal(t.probability, t_alone.probability)
@@ -147,7 +152,9 @@ def test_to_dict_is_json_ready(world):
     assert td["k"] == labels.DEFAULT_K
     md = json.loads(json.dumps(m.to_dict()))
     assert md["n_flagged"] == m.n_flagged
-    assert md["reference_scale"] == pytest.approx(m.reference_scale)
+    assert md["n_degenerate"] == 0
+    assert "local distance ratio" in md["score"]
+    assert md["score_quantiles"]["q50"] == pytest.approx(float(np.median(m.score)))
     assert 0.0 < md["fraction_flagged"] < 1.0
 
 
@@ -178,12 +185,15 @@ def test_identical_distances_give_equal_weights_and_a_lowest_code_tie():
 
 def test_coinciding_reference_scores_zero_or_inf():
     index = labels.build_index(np.ones((5, 2)))
-    with pytest.warns(HubarchesWarning, match="coincide"):
-        m = labels.mapping_quality(index, np.array([[1.0, 1.0], [1.0, 2.0]]), k=3)
-    assert m.reference_scale == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no 0/0
+        with pytest.warns(HubarchesWarning, match="2 query cells have only coinciding"):
+            m = labels.mapping_quality(index, np.array([[1.0, 1.0], [1.0, 2.0]]), k=3)
+    assert m.n_degenerate == 2
     assert list(m.ok) == [True, False]
     assert m.score[0] == 0.0
     assert np.isinf(m.score[1])
+    assert json.loads(json.dumps(m.to_dict()))["n_degenerate"] == 2
 
 
 def test_leave_self_out_with_duplicate_reference_cells():
@@ -191,13 +201,84 @@ def test_leave_self_out_with_duplicate_reference_cells():
     # 0), the next the neighbouring pair (√2). Only the cell itself may be left out.
     base = np.arange(10.0)[:, None] * np.ones((1, 2))
     index = labels.build_index(np.repeat(base, 2, axis=0))
-    assert labels.mapping_quality(index, base + 0.5, k=2).reference_scale == pytest.approx(
-        np.sqrt(2) / 2
-    )
-    with pytest.warns(HubarchesWarning, match="coincide"):
+    m = labels.mapping_quality(index, base + 0.5, k=2)
+    # Both neighbours at √2/2; each neighbour's own spread (0 + √2)/2: a ratio of exactly 1.
+    np.testing.assert_allclose(m.score, 1.0, rtol=1e-6)
+    np.testing.assert_allclose(index._spread[2], np.sqrt(2) / 2, rtol=1e-6)
+    assert m.n_degenerate == 0
+    # k=1: each cell's nearest other cell is its twin, so every spread is 0.
+    with pytest.warns(HubarchesWarning, match="coinciding"):
         m = labels.mapping_quality(index, base, k=1)
-    assert m.reference_scale == 0.0
     assert m.ok.all()
+    assert (m.score == 0.0).all()
+    with pytest.warns(HubarchesWarning, match="coinciding"):
+        m = labels.mapping_quality(index, base + 0.5, k=1)
+    assert not m.ok.any()
+
+
+def test_score_matches_its_formula():
+    rng = np.random.default_rng(5)
+    ref = rng.normal(size=(200, 3)) * np.array([1.0, 0.3, 2.0])
+    q = rng.normal(size=(50, 3)) * 1.5
+    k = 5
+    m = labels.mapping_quality(labels.build_index(ref), q, k=k)
+    d_qr = np.linalg.norm(q[:, None] - ref[None], axis=2)
+    d_rr = np.linalg.norm(ref[:, None] - ref[None], axis=2)
+    np.fill_diagonal(d_rr, np.inf)
+    spread = np.sort(d_rr, axis=1)[:, :k].mean(axis=1)
+    nn = np.argsort(d_qr, axis=1)[:, :k]
+    expected = np.take_along_axis(d_qr, nn, axis=1).mean(axis=1) / spread[nn].mean(axis=1)
+    np.testing.assert_allclose(m.score, expected, rtol=1e-5)
+    assert m.k == k
+    np.testing.assert_array_equal(m.ok, m.score <= labels.MAPPING_QUALITY_THRESHOLD)
+
+
+def test_unseen_type_just_off_a_dense_cluster_is_flagged():
+    """The case a global distance scale misses: the VAE puts unseen cells beside a known type.
+
+    Next to a tight type A, an unseen tight type U lies closer to its reference neighbours
+    than cells of a loose known type B lie to theirs; only the local ratio tells them apart.
+    """
+    rng = np.random.default_rng(2)
+    a = rng.normal(0.0, 0.1, (300, N_DIMS))
+    b = rng.normal(0.0, 1.0, (300, N_DIMS)) + 20.0 * np.eye(N_DIMS)[0]
+    index = labels.build_index(np.concatenate([a, b]))
+    u = rng.normal(0.0, 0.1, (100, N_DIMS)) + 1.0 * np.eye(N_DIMS)[1]
+    b_query = rng.normal(0.0, 1.0, (100, N_DIMS)) + 20.0 * np.eye(N_DIMS)[0]
+    d_u, _ = index.query(u, labels.DEFAULT_K)
+    d_b, _ = index.query(b_query, labels.DEFAULT_K)
+    assert np.median(d_u.mean(axis=1)) < 0.5 * np.median(d_b.mean(axis=1))
+    assert (~labels.mapping_quality(index, u).ok).mean() >= 0.95
+    assert labels.mapping_quality(index, b_query).ok.mean() >= 0.9
+
+
+def test_spread_is_computed_for_needed_cells_once_and_cached(world, monkeypatch):
+    index = labels.build_index(world["ref"])
+    near_a = world["known"][world["known_codes"] == 0]
+    _, idx = index.query(near_a, labels.DEFAULT_K)
+    first = labels.mapping_quality(index, near_a)
+    cache = index._spread[labels.DEFAULT_K]
+    computed = np.flatnonzero(~np.isnan(cache))
+    np.testing.assert_array_equal(computed, np.unique(idx))  # only A's neighbours
+    searched: list[int] = []
+    search = labels._search
+
+    def counting(tree, x, k, **kw):
+        searched.append(x.shape[0])
+        return search(tree, x, k, **kw)
+
+    monkeypatch.setattr(labels, "_search", counting)
+    again = labels.mapping_quality(index, near_a)
+    assert searched == [len(near_a)]  # the query only: every spread came from the cache
+    np.testing.assert_array_equal(again.score, first.score)
+    _, idx_all = index.query(world["known"], labels.DEFAULT_K)
+    searched.clear()
+    labels.mapping_quality(index, world["known"])
+    now = np.flatnonzero(~np.isnan(cache))
+    np.testing.assert_array_equal(now, np.unique(idx_all))
+    assert searched == [len(world["known"]), len(now) - len(computed)]  # only the new ones
+    fresh = labels.mapping_quality(labels.build_index(world["ref"]), world["known"])
+    np.testing.assert_array_equal(labels.mapping_quality(index, world["known"]).score, fresh.score)
 
 
 # --- edge cases ----------------------------------------------------------------------------
@@ -330,23 +411,11 @@ def test_deterministic(world):
                 assert va == vb
 
 
-def test_reference_scale_uses_a_fixed_sample(monkeypatch):
-    rng = np.random.default_rng(1)
-    ref = rng.normal(size=(400, 4))
-    full = labels.mapping_quality(labels.build_index(ref), ref[:5]).reference_scale
-    monkeypatch.setattr(labels, "REFERENCE_SCALE_SAMPLE", 200)
-    s1 = labels.mapping_quality(labels.build_index(ref), ref[:5]).reference_scale
-    s2 = labels.mapping_quality(labels.build_index(ref), ref[:5]).reference_scale
-    assert s1 == s2
-    assert s1 != full
-    assert s1 == pytest.approx(full, rel=0.2)
-
-
 def test_score_grows_with_distance(world):
     centre = _centres()[0]
     away = np.zeros(N_DIMS)
     away[5] = 1.0
-    q = np.stack([centre + t * away for t in (0.0, 1.0, 3.0, 10.0)])
+    q = np.stack([centre + t * away for t in (0.0, 1.0, 2.0, 10.0)])
     m = labels.mapping_quality(world["index"], q)
     assert np.all(np.diff(m.score) > 0)
     assert list(m.ok) == [True, True, False, False]
@@ -417,6 +486,27 @@ def test_transfer_from_neighbors_checks_its_inputs():
     assert t.labels[0] == labels.UNKNOWN_LABEL
     assert t.n_flagged_unknown == 1
     assert t.probability[0] == pytest.approx(0.5)
+
+
+def test_quality_from_neighbors_checks_its_inputs(world):
+    index = world["index"]
+    dist, idx = index.query(world["known"][:4], 3)
+    m = labels.quality_from_neighbors(index, dist, idx)
+    np.testing.assert_array_equal(
+        m.score, labels.mapping_quality(index, world["known"][:4], k=3).score
+    )
+    with pytest.raises(ModelError, match="must both be"):
+        labels.quality_from_neighbors(index, dist, idx[:, :2])
+    with pytest.raises(ModelError, match="integers"):
+        labels.quality_from_neighbors(index, dist, idx.astype(float))
+    with pytest.raises(DataError, match="outside the 1000 reference cells"):
+        labels.quality_from_neighbors(index, dist, idx + index.n_cells)
+    with pytest.raises(ModelError, match="finite and non-negative"):
+        labels.quality_from_neighbors(index, -dist, idx)
+    with pytest.raises(ModelError, match="mapping-quality threshold"):
+        labels.quality_from_neighbors(index, dist, idx, threshold=-1.0)
+    strict = labels.quality_from_neighbors(index, dist, idx, threshold=1e-3)
+    assert strict.n_flagged == 4
 
 
 def test_approximate_search_is_close_and_deterministic(world):
