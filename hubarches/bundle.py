@@ -234,7 +234,9 @@ def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, what: str) ->
         )
     data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     try:
-        save_file(data, path, metadata={"format": "pt", "written_by": __version__})
+        # One metadata key: safetensors writes several in a random (hash map) order, which
+        # would give the same tensors different bytes, and a bundle a different digest.
+        save_file(data, path, metadata={"format": "pt"})
     except (RuntimeError, ValueError) as err:
         raise WeightsError(
             f"{what} could not be saved as safetensors: {err}",

@@ -8,11 +8,14 @@ from typing import Literal
 from hubarches.errors import ModelError
 
 __all__ = [
+    "QUERY_DEFAULTS",
     "Dispersion",
     "Injection",
     "Likelihood",
     "ModelConfig",
     "Normalization",
+    "TrainOptions",
+    "default_epochs",
 ]
 
 Likelihood = Literal["nb", "zinb", "poisson"]
@@ -84,3 +87,41 @@ class ModelConfig:
     def with_covariate_sizes(self, sizes: tuple[int, ...]) -> ModelConfig:
         """The same architecture with other category counts (what surgery produces)."""
         return replace(self, covariate_sizes=tuple(sizes))
+
+
+def default_epochs(n_cells: int) -> int:
+    """scvi-tools' heuristic: about 20 000 × 400 cell-passes, at most 400 epochs."""
+    return max(1, min(400, round(20_000 / max(n_cells, 1) * 400)))
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Optimisation settings; defaults are scvi-tools' for the reference."""
+
+    epochs: int | None = None
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    adam_eps: float = 0.01
+    kl_warmup_epochs: int = 400
+    seed: int = 0
+    validation_fraction: float = 0.0
+    early_stopping_patience: int | None = None
+    dropout_in_query: bool = False
+    device: str = "auto"
+    compile: bool | None = None
+    """torch.compile the likelihood: None decides by run length (see hubarches.fastlik)."""
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None and self.epochs < 0:
+            raise ModelError(f"epochs must be ≥ 0, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ModelError(f"batch_size must be ≥ 2, got {self.batch_size}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ModelError("validation_fraction must be in [0, 1)")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ModelError("early_stopping_patience must be ≥ 1")
+
+
+QUERY_DEFAULTS = TrainOptions(weight_decay=0.0)
+"""Query training: no weight decay (only new tensors are optimised anyway)."""

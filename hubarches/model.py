@@ -291,6 +291,19 @@ class CVAE(nn.Module):
             )
         self.load_state_dict(dict(tensors), strict=True)
 
+    @classmethod
+    def from_weights(cls, config: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> CVAE:
+        """Build a model and load its weights strictly, skipping a random initialisation.
+
+        The modules are created on the meta device (no memory, no random numbers) and only
+        then given storage, which the weights fill: loading a large model costs a copy.
+        """
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device="cpu")
+        model.load_weights(tensors)
+        return model
+
 
 def build_model(config: ModelConfig, *, seed: int = 0) -> CVAE:
     """A freshly initialised model; the same seed gives the same weights."""

@@ -27,6 +27,15 @@ from hubarches.cache import pull
 from hubarches.config import ModelConfig
 from hubarches.data import PreparedQuery, QueryReport, prepare_query, prepare_reference
 from hubarches.errors import PushError
+from hubarches.keys import (
+    LATENT_KEY,
+    OBS_LABEL,
+    OBS_OK,
+    OBS_PROBABILITY,
+    OBS_SCORE,
+    OBS_UNCERTAINTY,
+    UNS_KEY,
+)
 from hubarches.labels import (
     DEFAULT_EMBEDDING_CAP,
     DEFAULT_K,
@@ -65,15 +74,6 @@ __all__ = [
     "train_atlas",
 ]
 
-LATENT_KEY = "X_hubarches"
-"""``obsm`` key of the latent in a mapped AnnData."""
-UNS_KEY = "hubarches"
-"""``uns`` key of the mapping report."""
-OBS_LABEL = "hubarches_label"
-OBS_PROBABILITY = "hubarches_label_probability"
-OBS_UNCERTAINTY = "hubarches_label_uncertainty"
-OBS_SCORE = "hubarches_mapping_score"
-OBS_OK = "hubarches_mapping_ok"
 
 RegistryArg = Registry | str | os.PathLike[str] | None
 
@@ -142,7 +142,7 @@ def train_atlas(
     config: Mapping[str, Any] | None = None,
     options: TrainOptions | None = None,
     description: str = "",
-    license: str = "cc-by-4.0",  # noqa: A002 - the manifest's field name
+    license: str = "cc-by-4.0",
     citation: str = "",
     embedding_cap: int = DEFAULT_EMBEDDING_CAP,
     progress: Progress | None = None,
@@ -309,7 +309,9 @@ def map_query(
     )
     timings["labels"] = time.perf_counter() - clock
     extension = Reference(
-        manifest=_extension_manifest(reference, plan.categories, plan.added_by_key(), history, options, prepared),
+        manifest=_extension_manifest(
+            reference, plan.categories, plan.added_by_key(), history, options, prepared
+        ),
         model=model,
         embedding=reference.embedding,  # reference cells embed bitwise the same in the extension
     )
@@ -421,7 +423,9 @@ def _report(
         "query": prepared.report.to_dict(),
         "new_categories": {k: list(v) for k, v in prepared.covariates.new_categories.items()},
         "training": {**history.to_dict(), "seed": options.seed, "batch_size": options.batch_size},
-        "labels": None if labels is None else {"key": m.labels.key if m.labels else None, **labels.to_dict()},
+        "labels": None
+        if labels is None
+        else {"key": m.labels.key if m.labels else None, **labels.to_dict()},
         "labels_note": None
         if labels is not None
         else "the reference carries no cell labels; no labels were transferred",

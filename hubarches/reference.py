@@ -148,8 +148,7 @@ class Reference:
         path = Path(path)
         manifest = verified if verified is not None else verify_bundle(path)
         tensors = read_tensors(path, manifest, verify=False)
-        model = CVAE(manifest.to_model_config())
-        model.load_weights(tensors)
+        model = CVAE.from_weights(manifest.to_model_config(), tensors)
         embedding = None
         if EMBEDDING_FILE in manifest.files:
             embedding = ReferenceEmbedding.from_tensors(
