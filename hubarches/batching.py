@@ -44,6 +44,16 @@ def pick_device(device: str | torch.device | None = "auto") -> torch.device:
     return torch.device(device)
 
 
+def nonzero_coordinates(csr: sp.csr_matrix) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, cols, values)`` of a CSR matrix's stored entries, as tensors."""
+    rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
+    return (
+        torch.from_numpy(rows),
+        torch.from_numpy(csr.indices.astype(np.int64)),
+        torch.from_numpy(np.asarray(csr.data, dtype=np.float32)),
+    )
+
+
 @dataclass(frozen=True)
 class Minibatch:
     """Dense counts of a few cells plus ``(rows, cols, values)`` of their nonzero entries."""
@@ -54,15 +64,7 @@ class Minibatch:
     @classmethod
     def from_csr(cls, sub: sp.csr_matrix) -> Minibatch:
         """Densify a few CSR rows, keeping their nonzero coordinates."""
-        nz_rows = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
-        return cls(
-            x=torch.from_numpy(sub.toarray()),
-            nonzero=(
-                torch.from_numpy(nz_rows),
-                torch.from_numpy(sub.indices.astype(np.int64)),
-                torch.from_numpy(sub.data),
-            ),
-        )
+        return cls(x=torch.from_numpy(sub.toarray()), nonzero=nonzero_coordinates(sub))
 
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Minibatch:
         """The same batch on ``device``, counts as ``dtype``."""

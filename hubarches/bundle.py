@@ -29,7 +29,12 @@ from pydantic import ValidationError
 
 from hubarches._version import __version__
 from hubarches.cards import render_card
-from hubarches.errors import BundleError, BundleExistsError, IntegrityError, ManifestError, WeightsError
+from hubarches.errors import (
+    BundleExistsError,
+    IntegrityError,
+    ManifestError,
+    WeightsError,
+)
 from hubarches.manifest import (
     MANIFEST_FILE,
     FileEntry,

@@ -18,9 +18,9 @@ from typing import IO, TYPE_CHECKING, Any
 
 import click
 
+from hubarches.keys import LATENT_KEY, OBS_LABEL, UNS_KEY
 from hubarches.labels import UNKNOWN_LABEL
 from hubarches.manifest import manifest_digest
-from hubarches.keys import LATENT_KEY, OBS_LABEL, UNS_KEY
 
 if TYPE_CHECKING:
     from types import TracebackType

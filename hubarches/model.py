@@ -159,8 +159,13 @@ class CVAE(nn.Module):
         *,
         first_expression: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of ``q(z | x, s)`` from counts."""
-        return self.encoder(torch.log1p(x), codes, first_expression=first_expression)
+        """Mean and variance of ``q(z | x, s)`` from counts.
+
+        With ``first_expression`` (the first layer's ``W_x log1p(x) + b``, computed before)
+        the counts themselves are not looked at again.
+        """
+        x_log = x if first_expression is not None else torch.log1p(x)
+        return self.encoder(x_log, codes, first_expression=first_expression)
 
     def _decode_mean(
         self, z: torch.Tensor, codes: torch.Tensor, log_library: torch.Tensor
@@ -201,13 +206,15 @@ class CVAE(nn.Module):
         generator: torch.Generator | None = None,
         log_gamma: torch.Tensor | None = None,
         nonzero: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        factorial: torch.Tensor | None = None,
     ) -> LossTerms:
         """Per-cell reconstruction loss and KL divergence of a minibatch of counts.
 
         The likelihood runs through :mod:`hubarches.fastlik`. Its log-gamma terms live on
         the nonzero counts: pass them as ``nonzero = (rows, cols, values)`` (found from
-        ``x`` otherwise), or, when the dispersion is frozen, as the per-cell constant
-        ``log_gamma`` computed once. Equal, to float rounding, to :meth:`plain_loss`.
+        ``x`` otherwise), with the per-cell data constant ``factorial`` (Σ log Γ(x+1))
+        if it was computed beforehand; or, when the dispersion is frozen, as the per-cell
+        constant ``log_gamma`` computed once. Equal, to float rounding, to :meth:`plain_loss`.
         """
         z, kl = self.sample_z(x, codes, first_expression=first_expression, generator=generator)
         log_library = torch.log(x.sum(-1))
@@ -221,7 +228,7 @@ class CVAE(nn.Module):
                 rows, cols = torch.nonzero(x, as_tuple=True)
                 nonzero = (rows, cols, x[rows, cols])
             theta = None if log_theta is None else torch.exp(log_theta)
-            log_gamma = nonzero_log_gamma(theta, *nonzero, n_cells=x.shape[0])
+            log_gamma = nonzero_log_gamma(theta, *nonzero, n_cells=x.shape[0], factorial=factorial)
         return LossTerms(reconstruction=nll - log_gamma, kl=kl)
 
     def plain_loss(

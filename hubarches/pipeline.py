@@ -187,7 +187,7 @@ def train_atlas(
         model_config,
         genes=prepared.genes,
         id_type="ensembl" if prepared.gene_id_type == "ensembl" else "symbol",
-        covariates={key: cats for key, cats in prepared.covariates},
+        covariates=dict(prepared.covariates),
         labels=labels,
         training=_training_summary(history, options, n_cells=counts.n_cells),
         description=description,
@@ -465,7 +465,7 @@ def _output_adata(
         obs[OBS_SCORE] = quality.score
         obs[OBS_OK] = quality.ok
     backed = bool(getattr(adata, "isbacked", False))
-    out = ad.AnnData(
+    return ad.AnnData(
         X=None if backed else adata.X,
         obs=obs,
         var=adata.var.copy(),
@@ -473,4 +473,3 @@ def _output_adata(
         obsm={**dict(adata.obsm), LATENT_KEY: latent},
         uns={**dict(adata.uns), UNS_KEY: _for_h5ad(report)},
     )
-    return out

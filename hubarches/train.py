@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hubarches.batching import Counts, Minibatch, pick_device
+from hubarches.batching import Counts, Minibatch, nonzero_coordinates, pick_device
 from hubarches.config import QUERY_DEFAULTS, TrainOptions, default_epochs
 from hubarches.errors import ModelError, SurgeryError, TrainingError
-from hubarches.fastlik import compile_wanted, compiled, nonzero_log_gamma
+from hubarches.fastlik import compile_wanted, compiled, log_factorial, nonzero_log_gamma
 from hubarches.model import CVAE, LossTerms
 from hubarches.surgery import freeze_reference, new_parameters
 
@@ -152,9 +152,7 @@ def _epochs(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     generator = torch.Generator(device=device).manual_seed(options.seed)
-    optimizer = torch.optim.Adam(
-        parameters, lr=options.lr, eps=options.adam_eps, weight_decay=options.weight_decay
-    )
+    optimizer = _adam(parameters, options)
     best, since_best = math.inf, 0
     for epoch in range(epochs):
         kl_weight = _kl_weight(epoch, options.kl_warmup_epochs)
@@ -197,6 +195,15 @@ def _epochs(
                 if since_best >= options.early_stopping_patience:
                     history.stopped_early = True
                     break
+
+
+def _adam(parameters: Sequence[torch.nn.Parameter], options: TrainOptions) -> torch.optim.Adam:
+    """Adam with scvi-tools' settings; the fused kernel where this torch has one (≈2× faster)."""
+    kwargs = {"lr": options.lr, "eps": options.adam_eps, "weight_decay": options.weight_decay}
+    try:
+        return torch.optim.Adam(parameters, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device/dtype
+        return torch.optim.Adam(parameters, **kwargs)
 
 
 def _validation_loss(
@@ -252,9 +259,16 @@ def train_reference(
     for p in model.parameters():
         p.requires_grad_(True)
 
+    factorial = data_log_factorial(counts).to(device)
+
     def step_loss(rows: np.ndarray, batch: Minibatch, generator: torch.Generator) -> LossTerms:
+        index = torch.as_tensor(rows, device=device)
         return model.loss(
-            batch.x, codes_t[rows].to(device), generator=generator, nonzero=batch.nonzero
+            batch.x,
+            codes_t[rows].to(device),
+            generator=generator,
+            nonzero=batch.nonzero,
+            factorial=factorial[index],
         )
 
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
@@ -271,6 +285,15 @@ def train_reference(
         )
     model.trained.fill_(True)
     return history
+
+
+def data_log_factorial(counts: Counts, *, block: int = 65_536) -> torch.Tensor:
+    """``Σ_g log Γ(x_g + 1)`` of every cell: part of the likelihood that never changes."""
+    out = torch.empty(counts.n_cells, dtype=torch.float64)
+    for start, part in counts.blocks(block):
+        rows, _, values = nonzero_coordinates(part.csr)
+        out[start : start + part.n_cells] = log_factorial(rows, values.double(), part.n_cells)
+    return out.float()
 
 
 def first_layer_expression(model: CVAE, counts: Counts, *, block: int = 4096) -> torch.Tensor:
@@ -310,10 +333,12 @@ def frozen_log_gamma(
     with torch.no_grad():
         for start, part in counts.blocks(block):
             stop = start + part.n_cells
-            batch = part.minibatch(np.arange(part.n_cells)).to(device, dtype)
+            rows, cols, values = (t.to(device) for t in nonzero_coordinates(part.csr))
             log_theta = model.log_dispersion(codes[start:stop].to(device))
             theta = None if log_theta is None else torch.exp(log_theta)
-            out[start:stop] = nonzero_log_gamma(theta, *batch.nonzero, n_cells=part.n_cells)
+            out[start:stop] = nonzero_log_gamma(
+                theta, rows, cols, values.to(dtype), n_cells=part.n_cells
+            )
     return out
 
 

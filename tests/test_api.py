@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import hubarches
 
 
@@ -15,12 +17,8 @@ def test_every_public_name_resolves() -> None:
 
 
 def test_unknown_attribute_is_an_attribute_error() -> None:
-    try:
+    with pytest.raises(AttributeError, match="does_not_exist"):
         hubarches.does_not_exist  # noqa: B018
-    except AttributeError as err:
-        assert "does_not_exist" in str(err)
-    else:
-        raise AssertionError("expected AttributeError")
 
 
 def test_the_command_line_starts_without_torch() -> None:
