@@ -181,18 +181,24 @@ class CVAE(nn.Module):
             return self.dispersion(codes[:, 0])
         return self.dispersion
 
+    def draw_noise(
+        self, n_cells: int, *, generator: torch.Generator | None, like: torch.Tensor
+    ) -> torch.Tensor:
+        """Standard normal noise ``[n_cells, n_latent]`` for the reparametrisation."""
+        shape = (n_cells, self.config.n_latent)
+        return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+
     def sample_z(
         self,
         x: torch.Tensor,
         codes: torch.Tensor,
         *,
         first_expression: torch.Tensor | None,
-        generator: torch.Generator | None,
+        noise: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A reparametrised sample of ``q(z | x, s)`` and the per-cell KL to the prior."""
+        """A reparametrised sample ``μ + σ·noise`` of ``q(z | x, s)`` and the KL to the prior."""
         q_mean, q_var = self.encode(x, codes, first_expression=first_expression)
-        eps = torch.randn(q_mean.shape, generator=generator, device=q_mean.device)
-        z = q_mean + q_var.sqrt() * eps
+        z = q_mean + q_var.sqrt() * noise
         # KL(N(μ, σ²) ‖ N(0, 1)) summed over latent dimensions.
         kl = 0.5 * (q_var + q_mean.square() - 1.0 - torch.log(q_var)).sum(-1)
         return z, kl
@@ -207,6 +213,7 @@ class CVAE(nn.Module):
         log_gamma: torch.Tensor | None = None,
         nonzero: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         factorial: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
     ) -> LossTerms:
         """Per-cell reconstruction loss and KL divergence of a minibatch of counts.
 
@@ -216,7 +223,9 @@ class CVAE(nn.Module):
         if it was computed beforehand; or, when the dispersion is frozen, as the per-cell
         constant ``log_gamma`` computed once. Equal, to float rounding, to :meth:`plain_loss`.
         """
-        z, kl = self.sample_z(x, codes, first_expression=first_expression, generator=generator)
+        if noise is None:
+            noise = self.draw_noise(x.shape[0], generator=generator, like=x)
+        z, kl = self.sample_z(x, codes, first_expression=first_expression, noise=noise)
         log_library = torch.log(x.sum(-1))
         logits, pi = self.decoder(z, codes)
         log_theta = self.log_dispersion(codes)
@@ -242,7 +251,8 @@ class CVAE(nn.Module):
 
         Kept as the reference that the fused :meth:`loss` is tested against.
         """
-        z, kl = self.sample_z(x, codes, first_expression=None, generator=generator)
+        noise = self.draw_noise(x.shape[0], generator=generator, like=x)
+        z, kl = self.sample_z(x, codes, first_expression=None, noise=noise)
         _, pi, mu = self._decode_mean(z, codes, torch.log(x.sum(-1)))
         lik = self.config.likelihood
         if lik == "poisson":
