@@ -146,10 +146,40 @@ class CountMatrix:
         """The given rows, dense, together with the coordinates of their nonzero counts."""
         return Minibatch.from_csr(self.csr[rows])
 
+    def row_block(self, start: int, stop: int) -> CountMatrix:
+        """Rows ``start:stop`` as a view on this matrix's arrays (no copy of the counts)."""
+        first, last = self.csr.indptr[start], self.csr.indptr[stop]
+        view = sp.csr_matrix(
+            (
+                self.csr.data[first:last],
+                self.csr.indices[first:last],
+                self.csr.indptr[start : stop + 1] - first,
+            ),
+            shape=(stop - start, self.n_genes),
+            copy=False,
+        )
+        return CountMatrix(view)
+
+    def dense_log1p(self) -> torch.Tensor:
+        """``log1p`` of all rows, dense: the encoder's input.
+
+        log1p(0) = 0, so it is taken on the stored values only, before densifying.
+        """
+        logged = sp.csr_matrix(
+            (
+                torch.log1p(torch.from_numpy(self.csr.data)).numpy(),
+                self.csr.indices,
+                self.csr.indptr,
+            ),
+            shape=self.csr.shape,
+            copy=False,
+        )
+        return torch.from_numpy(logged.toarray())
+
     def blocks(self, size: int) -> Iterator[tuple[int, CountMatrix]]:
-        """Consecutive row blocks covering the matrix."""
+        """Consecutive row blocks covering the matrix (views, not copies)."""
         for start in range(0, self.n_cells, size):
-            yield start, CountMatrix(self.csr[start : min(self.n_cells, start + size)])
+            yield start, self.row_block(start, min(self.n_cells, start + size))
 
     def batches(
         self, rows: np.ndarray, batch_size: int, rng: np.random.Generator
@@ -250,7 +280,7 @@ def embed_matrix(
     codes_t = torch.as_tensor(codes, dtype=torch.int64)
     for start, block in counts.blocks(batch_size):
         stop = start + block.n_cells
-        x = torch.from_numpy(block.csr.toarray()).to(dev)
-        z = model.embed(x, codes_t[start:stop].to(dev), sample=sample, generator=generator)
+        x_log = block.dense_log1p().to(dev)
+        z = model.embed_log(x_log, codes_t[start:stop].to(dev), sample=sample, generator=generator)
         out[start:stop] = z.cpu().numpy()
     return out

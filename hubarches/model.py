@@ -275,10 +275,23 @@ class CVAE(nn.Module):
     ) -> torch.Tensor:
         """Latent means (or one sample of ``q(z|x,s)``) of a batch of cells, in eval mode."""
         self.check_inputs(x, codes)
+        return self.embed_log(torch.log1p(x), codes, sample=sample, generator=generator)
+
+    @torch.inference_mode()
+    def embed_log(
+        self,
+        x_log: torch.Tensor,
+        codes: torch.Tensor,
+        *,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """As :meth:`embed`, from ``log1p(x)`` (which sparse callers compute on nonzeros)."""
+        self.check_inputs(x_log, codes)
         was_training = self.training
         self.eval()
         try:
-            mean, var = self.encode(x, codes)
+            mean, var = self.encoder(x_log, codes)
             if sample:
                 noise = torch.randn(mean.shape, generator=generator, device=mean.device)
                 return mean + var.sqrt() * noise

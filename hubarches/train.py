@@ -303,8 +303,8 @@ def first_layer_expression(model: CVAE, counts: Counts, *, block: int = 4096) ->
     out = torch.empty(counts.n_cells, first.out_features, device=device, dtype=dtype)
     with torch.no_grad():
         for start, part in counts.blocks(block):
-            x = torch.from_numpy(part.csr.toarray()).to(device, dtype)
-            out[start : start + part.n_cells] = first(torch.log1p(x))
+            x_log = part.dense_log1p().to(device, dtype)
+            out[start : start + part.n_cells] = first(x_log)
     return out
 
 
