@@ -54,26 +54,49 @@ def nonzero_coordinates(csr: sp.csr_matrix) -> tuple[torch.Tensor, torch.Tensor,
     )
 
 
-@dataclass(frozen=True)
 class Minibatch:
-    """Dense counts of a few cells plus ``(rows, cols, values)`` of their nonzero entries."""
+    """Dense counts of a few cells; ``(rows, cols, values)`` of their nonzero entries on demand.
 
-    x: torch.Tensor
-    nonzero: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    Query training with a frozen dispersion never asks for the coordinates, so they are
+    only built (once) when read.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        *,
+        csr: sp.csr_matrix | None = None,
+        nonzero: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        if csr is None and nonzero is None:
+            raise ModelError("a minibatch needs its CSR rows or its nonzero coordinates")
+        self.x = x
+        self._csr = csr
+        self._nonzero = nonzero
 
     @classmethod
     def from_csr(cls, sub: sp.csr_matrix) -> Minibatch:
-        """Densify a few CSR rows, keeping their nonzero coordinates."""
-        return cls(x=torch.from_numpy(sub.toarray()), nonzero=nonzero_coordinates(sub))
+        """Densify a few CSR rows."""
+        return cls(torch.from_numpy(sub.toarray()), csr=sub)
+
+    @property
+    def nonzero(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, cols, values)`` of the nonzero counts."""
+        if self._nonzero is None:
+            assert self._csr is not None
+            self._nonzero = nonzero_coordinates(self._csr)
+        return self._nonzero
 
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Minibatch:
         """The same batch on ``device``, counts as ``dtype``."""
         if device.type == "cpu" and dtype == self.x.dtype:
             return self
+        if self._nonzero is None and device.type == "cpu":
+            return Minibatch(self.x.to(dtype), csr=self._csr)
         rows, cols, vals = self.nonzero
         return Minibatch(
             self.x.to(device, dtype),
-            (rows.to(device), cols.to(device), vals.to(device, dtype)),
+            nonzero=(rows.to(device), cols.to(device), vals.to(device, dtype)),
         )
 
 
