@@ -21,7 +21,7 @@ import stat
 import struct
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -359,14 +359,25 @@ def write_bundle(
     ``manifest.files`` is filled in and the card rendered; everything is written to a
     temporary directory beside ``dest`` and renamed into place.
     """
-    dest = Path(dest)
-    _ensure_absent(dest)
-    tmp = make_temp_dir(dest.parent, prefix=f".{dest.name}")
-    try:
+
+    def fill(tmp: Path) -> Manifest:
         files = {WEIGHTS_FILE: _save_tensors(weights, tmp / WEIGHTS_FILE, "weights")}
         if embedding is not None:
             files[EMBEDDING_FILE] = _save_tensors(embedding, tmp / EMBEDDING_FILE, "embedding")
-        final = finish_bundle(tmp, _updated(manifest, files=files))
+        return finish_bundle(tmp, _updated(manifest, files=files))
+
+    return _build_in_place(Path(dest), fill)
+
+
+def _build_in_place(dest: Path, fill: Callable[[Path], Manifest]) -> Manifest:
+    """Have ``fill`` write a bundle beside ``dest``, then rename it into place.
+
+    On any failure the temporary directory goes and ``dest`` never appears.
+    """
+    _ensure_absent(dest)
+    tmp = make_temp_dir(dest.parent, prefix=f".{dest.name}")
+    try:
+        final = fill(tmp)
         _ensure_absent(dest)
         move_into_place(tmp, dest)
     except FileExistsError as err:
@@ -416,18 +427,9 @@ def copy_payload(src: Path, dest: Path) -> Manifest:
 
 def restamp_bundle(src: Path, dest: Path, *, name: str, version: int) -> Manifest:
     """Copy a bundle to ``dest`` as ``name@version``: manifest stamped, card re-rendered."""
-    dest = Path(dest)
-    _ensure_absent(dest)
-    tmp = make_temp_dir(dest.parent, prefix=f".{dest.name}")
-    try:
+
+    def fill(tmp: Path) -> Manifest:
         manifest = copy_payload(src, tmp)
-        final = finish_bundle(tmp, _updated(manifest, name=name, version=version))
-        _ensure_absent(dest)
-        move_into_place(tmp, dest)
-    except FileExistsError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise BundleExistsError(str(dest)) from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+        return finish_bundle(tmp, _updated(manifest, name=name, version=version))
+
+    return _build_in_place(Path(dest), fill)
