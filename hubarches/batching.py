@@ -129,6 +129,20 @@ class Counts(Protocol):
         ...
 
 
+def _csr_view(
+    data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]
+) -> sp.csr_matrix:
+    """A CSR matrix on existing arrays, without copying them.
+
+    scipy's constructor copies slices of larger arrays (to free the rest), which for row
+    blocks of a big matrix means copying every block; the arrays here are consistent by
+    construction, so they are set directly.
+    """
+    out = sp.csr_matrix(shape, dtype=data.dtype)
+    out.data, out.indices, out.indptr = data, indices, indptr
+    return out
+
+
 @dataclass(frozen=True)
 class CountMatrix:
     """Counts kept as CSR in memory; dense only for the rows of one minibatch."""
@@ -172,21 +186,21 @@ class CountMatrix:
     def row_block(self, start: int, stop: int) -> CountMatrix:
         """Rows ``start:stop`` as a view on this matrix's arrays (no copy of the counts)."""
         first, last = self.csr.indptr[start], self.csr.indptr[stop]
-        view = sp.csr_matrix(
-            (
+        return CountMatrix(
+            _csr_view(
                 self.csr.data[first:last],
                 self.csr.indices[first:last],
-                self.csr.indptr[start : stop + 1] - first,
-            ),
-            shape=(stop - start, self.n_genes),
-            copy=False,
+                (self.csr.indptr[start : stop + 1] - first).astype(self.csr.indices.dtype),
+                (stop - start, self.n_genes),
+            )
         )
-        return CountMatrix(view)
 
-    def dense_log1p(self) -> torch.Tensor:
+    def dense_log1p(self, buffer: np.ndarray | None = None) -> torch.Tensor:
         """``log1p`` of all rows, dense: the encoder's input.
 
-        log1p(0) = 0, so it is taken on the stored values only, before densifying.
+        log1p(0) = 0, so it is taken on the stored values only, before densifying. With a
+        ``buffer`` of at least ``n_cells`` rows the result is written there (and shares its
+        memory), which spares a fresh, page-faulting allocation per block.
         """
         logged = sp.csr_matrix(
             (
@@ -197,7 +211,12 @@ class CountMatrix:
             shape=self.csr.shape,
             copy=False,
         )
-        return torch.from_numpy(logged.toarray())
+        if buffer is None:
+            return torch.from_numpy(logged.toarray())
+        out = buffer[: self.n_cells]
+        out.fill(0.0)  # scipy adds into ``out``
+        logged.toarray(out=out)
+        return torch.from_numpy(out)
 
     def blocks(self, size: int) -> Iterator[tuple[int, CountMatrix]]:
         """Consecutive row blocks covering the matrix (views, not copies)."""
@@ -301,9 +320,10 @@ def embed_matrix(
     generator = torch.Generator(device=dev).manual_seed(seed) if sample else None
     out = np.empty((counts.n_cells, model.config.n_latent), dtype=np.float32)
     codes_t = torch.as_tensor(codes, dtype=torch.int64)
+    buffer = np.empty((min(batch_size, counts.n_cells), counts.n_genes), dtype=np.float32)
     for start, block in counts.blocks(batch_size):
         stop = start + block.n_cells
-        x_log = block.dense_log1p().to(dev)
+        x_log = block.dense_log1p(buffer).to(dev)
         z = model.embed_log(x_log, codes_t[start:stop].to(dev), sample=sample, generator=generator)
         out[start:stop] = z.cpu().numpy()
     return out

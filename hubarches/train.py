@@ -301,9 +301,10 @@ def first_layer_expression(model: CVAE, counts: Counts, *, block: int = 4096) ->
     first = model.encoder.mlp.blocks[0].linear.expression
     device, dtype = first.weight.device, first.weight.dtype
     out = torch.empty(counts.n_cells, first.out_features, device=device, dtype=dtype)
+    buffer = np.empty((min(block, counts.n_cells), counts.n_genes), dtype=np.float32)
     with torch.no_grad():
         for start, part in counts.blocks(block):
-            x_log = part.dense_log1p().to(device, dtype)
+            x_log = part.dense_log1p(buffer).to(device, dtype)
             out[start : start + part.n_cells] = first(x_log)
     return out
 
