@@ -1,0 +1,82 @@
+"""The Python API end to end: train → save → push → pull → embed/map, with lineage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import hubarches
+from hubarches.datasets import simulate_reference_and_query
+from hubarches.errors import CovariateError, PushError
+from hubarches.keys import LATENT_KEY, UNS_KEY
+
+
+@pytest.fixture(scope="module")
+def atlas():
+    ref, query = simulate_reference_and_query(
+        n_reference=400, n_query=200, n_genes=60, n_types=4, missing_fraction=0.05, seed=5
+    )
+    result = hubarches.train_atlas(
+        ref,
+        batch_key="batch",
+        label_key="cell_type",
+        config={"n_hidden": 16, "n_latent": 4},
+        options=hubarches.TrainOptions(epochs=3),
+        description="a tiny test atlas",
+    )
+    return ref, query, result
+
+
+def test_round_trip_embeds_exactly_like_the_original(atlas, tmp_path) -> None:
+    ref, _, result = atlas
+    original = result.reference.embed(ref)
+    bundle = result.reference.save(tmp_path / "bundle")
+    info = hubarches.push(bundle, "lab/tiny", registry=tmp_path / "reg")
+    assert (info.name, info.version) == ("lab/tiny", 1)
+    pulled = hubarches.load_reference("lab/tiny", registry=tmp_path / "reg")
+    assert pulled.info == info
+    assert pulled.version == 1
+    assert pulled.digest == info.digest
+    np.testing.assert_array_equal(pulled.embed(ref), original)
+    by_digest = hubarches.load_reference(f"lab/tiny@sha256:{info.digest}", tmp_path / "reg")
+    np.testing.assert_array_equal(by_digest.embed(ref), original)
+    from_dir = hubarches.load_reference(bundle)
+    np.testing.assert_array_equal(from_dir.embed(ref), original)
+
+
+def test_map_returns_extension_latent_adata_and_report(atlas, tmp_path) -> None:
+    ref, query, result = atlas
+    hubarches.push(result.reference, "lab/tiny", registry=tmp_path / "reg")
+    reference = hubarches.load_reference("lab/tiny", registry=tmp_path / "reg")
+    mapped = reference.map(query, batch_key="batch", epochs=2)
+    assert mapped.latent.shape == (query.n_obs, 4)
+    assert list(mapped.adata.obs_names) == list(query.obs_names)
+    np.testing.assert_array_equal(mapped.adata.obsm[LATENT_KEY], mapped.latent)
+    report = mapped.adata.uns[UNS_KEY]
+    assert report["reference"]["name"] == "lab/tiny"
+    assert report["reference"]["version"] == 1
+    assert report["new_categories"] == {"batch": ["qry_b0", "qry_b1"]}
+    assert report["training"]["epochs"] == 2
+    extension = mapped.reference
+    assert extension.version is None  # unpublished until pushed
+    assert extension.manifest.lineage is not None
+    assert extension.manifest.lineage.parent.digest == reference.digest
+    # Reference cells embed bitwise the same through the extension.
+    np.testing.assert_array_equal(extension.embed(ref), reference.embed(ref))
+    info = hubarches.push(extension, "lab/tiny", registry=tmp_path / "reg")
+    assert info.version == 2
+    v2 = hubarches.load_reference("lab/tiny", registry=tmp_path / "reg")
+    assert v2.manifest.lineage.parent.version == 1
+    assert v2.covariates[0][1][-2:] == ("qry_b0", "qry_b1")
+    np.testing.assert_array_equal(v2.embed(query, batch_key="batch"), extension.embed(query))
+
+
+def test_embedding_new_categories_needs_map(atlas) -> None:
+    _, query, result = atlas
+    with pytest.raises(CovariateError, match="Map the query"):
+        result.reference.embed(query)
+
+
+def test_push_refuses_a_directory_that_is_not_a_bundle(tmp_path) -> None:
+    with pytest.raises(PushError, match="not a bundle directory"):
+        hubarches.push(tmp_path, "lab/tiny", registry=tmp_path / "reg")
