@@ -15,11 +15,11 @@ import errno
 import hashlib
 import logging
 import os
+import secrets
 import shutil
 import socket
 import stat
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -258,7 +258,15 @@ def make_temp_dir(parent: Path, *, prefix: str) -> Path:
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{_TEMP_MARK}{host}-{os.getpid()}-", dir=parent))
+    while True:
+        path = parent / f"{prefix}{_TEMP_MARK}{host}-{os.getpid()}-{secrets.token_hex(6)}"
+        try:
+            # Not tempfile.mkdtemp: its 0700 would make a published version unreadable to
+            # the other users of a shared registry; mkdir applies the user's umask instead.
+            path.mkdir(mode=0o777)
+        except FileExistsError:
+            continue
+        return path
 
 
 def _writer_is_gone(name: str) -> bool:

@@ -4,6 +4,7 @@ import builtins
 import json
 import os
 import pickle
+import stat
 from pathlib import Path
 
 import pytest
@@ -372,3 +373,14 @@ def test_stale_temp_dirs_are_cleaned(tmp_path):
     assert fresh.exists()
     assert unrelated.exists()
     assert clean_stale_temp_dirs(tmp_path, max_age_s=-1) == [fresh]
+
+
+def test_written_bundles_follow_the_umask_not_0700(tmp_path, make_manifest) -> None:
+    """A shared registry's other users must be able to read published versions."""
+    old = os.umask(0o022)
+    try:
+        dest = tmp_path / "bundle"
+        write_bundle(dest, make_manifest(), {"w": torch.zeros(2)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o755

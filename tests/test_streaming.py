@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -89,7 +92,12 @@ def test_streamed_embedding_equals_in_memory(setup) -> None:
 def test_write_mapped_copies_a_backed_matrix_and_is_atomic(setup, tmp_path, monkeypatch) -> None:
     reference, query, path = setup
     result = reference.map(ad.read_h5ad(path, backed="r"), batch_key="batch", epochs=1)
-    out = write_mapped(result.adata, tmp_path / "mapped.h5ad", source=path)
+    old = os.umask(0o022)
+    try:
+        out = write_mapped(result.adata, tmp_path / "mapped.h5ad", source=path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # the umask's mode, not mkstemp's 0600
     written = ad.read_h5ad(out)
     assert (written.X != query.X).nnz == 0
     assert written.obsm["X_hubarches"].shape == (300, reference.manifest.model.n_latent)
