@@ -32,9 +32,10 @@ __all__ = [
 
 EMBED_BATCH_SIZE = 4096
 """Cells per forward pass when embedding; large batches amortise per-call overhead."""
-BLOCK_CELLS = 65_536
+BLOCK_CELLS = 16_384
 """Cells read at once from a streamed source: large enough for sequential reads and a good
-shuffle, small enough (≈ 250 MB dense at 1000 genes) to keep memory bounded."""
+shuffle, small enough that a block and its aligned copy stay near 100 MB at typical density
+(a million-cell query then maps in under 2 GB; see bench/stream_1m.py)."""
 
 
 def pick_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -94,7 +94,8 @@ def _next_step_after_map(
     "--quality-threshold",
     type=click.FloatRange(min=0.0, min_open=True),
     default=MAPPING_QUALITY_THRESHOLD,
-    help="Flag cells farther from the reference than this multiple of its own spread.",
+    help="Flag cells whose distance to their reference neighbours exceeds this multiple "
+    "of those neighbours' own spacing (and call them Unknown).",
 )
 @click.option(
     "--backed/--in-memory",
