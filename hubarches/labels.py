@@ -8,24 +8,34 @@ distance to its nearest reference cells with those cells' own distances to their
 saw are flagged even where the kNN vote is unanimous and the encoder has placed them just
 off a known cluster rather than far from every one.
 
-The neighbour search is exact: a ``scipy.spatial.cKDTree`` over the reference latent. Latents
-have ~10 dimensions, where an exact kd-tree maps 100k onto 100k cells in seconds
-(``bench/bench_labels.py``); an approximate index (pynndescent, not a dependency) would buy
-little and cost reproducibility, which tests and published mappings rely on.
-Query once with :meth:`NeighborIndex.query` and pass the result to :func:`transfer_from_neighbors`
-and :func:`quality_from_neighbors`, or call :func:`annotate`, which does exactly that.
+The neighbour index lives in :mod:`hubarches.neighbors`, the score in
+:mod:`hubarches.quality`; both are re-exported here. Query the index once and pass the
+result to :func:`transfer_from_neighbors` and :func:`quality_from_neighbors`, or call
+:func:`annotate`, which does exactly that.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-from scipy.spatial import cKDTree
 
-from hubarches.errors import DataError, HubarchesWarning, ModelError
+from hubarches.errors import DataError, ModelError, warn
+from hubarches.neighbors import (
+    DEFAULT_K,
+    SEARCH_EPS,
+    NeighborIndex,
+    build_index,
+    check_neighbors,
+    effective_k,
+)
+from hubarches.quality import (
+    MAPPING_QUALITY_THRESHOLD,
+    MappingQuality,
+    mapping_quality,
+    quality_from_neighbors,
+)
 
 __all__ = [
     "DEFAULT_EMBEDDING_CAP",
@@ -46,9 +56,6 @@ __all__ = [
     "transfer_labels",
 ]
 
-#: Neighbours per query cell, as scanpy's default: enough for a stable vote (steps of 1/15),
-#: and a rare type of a few dozen reference cells is not outvoted as with scArches' 50.
-DEFAULT_K = 15
 #: Cells whose uncertainty (1 − winning probability) exceeds this are called ``Unknown``: a
 #: label is given only when it holds a majority of the neighbourhood's weight. The HLCA used a
 #: stricter 0.2; with fine-grained labels that calls most boundary cells ``Unknown``.
@@ -56,58 +63,8 @@ DEFAULT_UNCERTAINTY_THRESHOLD = 0.5
 UNKNOWN_LABEL = "Unknown"
 #: Most reference cells a bundle stores for label transfer (see :func:`stratified_subsample`).
 DEFAULT_EMBEDDING_CAP = 100_000
-#: A query cell is flagged when its mapping-quality score (see :func:`quality_from_neighbors`)
-#: exceeds this: its k nearest reference cells are 1.3× farther from it, on average, than
-#: from their own neighbours (in a 10-dim latent, ~1.3¹⁰ ≈ 14× lower density). Measured on
-#: simulated data mapped through the VAE (1500 reference / 600 query cells, 300 genes, six
-#: types, type_05 held out of the reference; seeds 1, 2, 3): reference cells' own score
-#: (leave-self-out) has P95 1.31–1.36, P99 1.50–1.61; above 1.3 lie 2–11 % of query cells of
-#: known types (the tails of their types; median 1.03–1.05) and 96–98 % of the held-out type
-#: (median 1.53–1.87). 1.4 would flag 1–5 % of known cells but only 84–96 % of unseen ones.
-MAPPING_QUALITY_THRESHOLD = 1.3
-#: Neighbour search is exact by default. cKDTree's ``eps`` bounds an approximate search
-#: (still deterministic): on 10-dim Gaussian blobs eps=0.25 was ~2× faster with 99.9 % of
-#: neighbours and 99.98 % of labels unchanged (bench/bench_labels.py --eps 0 0.25).
-SEARCH_EPS = 0.0
-#: kd-tree leaf size: 32 queried 10-dim latents as fast as or faster than scipy's 16.
-_LEAF_SIZE = 32
-#: Coarse cells that set the spatial order of large queries, and the query size from which
-#: ordering pays for itself.
-_COARSE_CELLS = 2048
-_ORDER_MIN_QUERY = 4096
 #: Most floats in one block of the vote tally (rows × categories), bounding its memory.
 _VOTE_BLOCK = 4_000_000
-
-
-def _check_k(k: int) -> int:
-    """Validate k: an integer ≥ 1 (a bool is refused)."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ModelError(f"k must be an integer ≥ 1, got {k!r}")
-    return int(k)
-
-
-def _check_latent(latent: np.ndarray, *, what: str, n_dims: int | None = None) -> np.ndarray:
-    """Return a finite 2-D float64 array of the expected width, or raise ModelError."""
-    x = np.asarray(latent)
-    if x.ndim != 2:
-        raise ModelError(f"the {what} must be 2-D (cells × latent dimensions), got {x.shape}")
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise ModelError(f"the {what} must be numeric, got dtype {x.dtype}")
-    if n_dims is not None and x.shape[1] != n_dims:
-        raise ModelError(
-            f"the {what} has {x.shape[1]} dimensions but the reference has {n_dims}",
-            hint="Embed the query with the reference's model (or its extension)",
-        )
-    x = np.ascontiguousarray(x, dtype=np.float64)
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        raise ModelError(
-            f"the {what} has non-finite values (NaN or inf) in {int(bad.sum())} of "
-            f"{x.shape[0]} cells",
-            hint="The model produced them: check the training losses and that the input is "
-            "raw counts of the reference's genes",
-        )
-    return x
 
 
 def _check_codes(codes: np.ndarray, *, n: int | None = None) -> np.ndarray:
@@ -123,108 +80,6 @@ def _check_codes(codes: np.ndarray, *, n: int | None = None) -> np.ndarray:
     if c.size and c.min() < -1:
         raise DataError(f"label codes must be ≥ −1 (−1: missing), found {int(c.min())}")
     return c.astype(np.int64, copy=False)
-
-
-def _check_neighbors(
-    distances: np.ndarray, indices: np.ndarray, n_reference: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Validate ``[n, k≥1]`` neighbour distances and indices into ``n_reference`` cells."""
-    dist = np.asarray(distances)
-    idx = np.asarray(indices)
-    if dist.ndim != 2 or dist.shape != idx.shape or dist.shape[1] < 1:
-        raise ModelError(f"distances {dist.shape} and indices {idx.shape} must both be [n, k≥1]")
-    if not np.issubdtype(idx.dtype, np.integer):
-        raise ModelError(f"neighbour indices must be integers, got dtype {idx.dtype}")
-    if idx.size and (idx.min() < 0 or idx.max() >= n_reference):
-        raise DataError(f"neighbour indices fall outside the {n_reference} reference cells")
-    if not np.isfinite(dist).all() or (dist < 0).any():
-        raise ModelError("neighbour distances must be finite and non-negative")
-    return dist, idx
-
-
-@dataclass(frozen=True, eq=False)
-class NeighborIndex:
-    """An exact nearest-neighbour index over a reference latent; build it once, query often."""
-
-    tree: cKDTree = field(repr=False)
-    coarse: cKDTree = field(repr=False)
-    """A few reference cells spread over the latent, to put query cells in spatial order."""
-    eps: float = SEARCH_EPS
-    """0: exact. Otherwise each k-th neighbour is within ``(1 + eps)`` of the true one."""
-    _spread: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
-    """Per k, each reference cell's leave-self-out mean kNN distance (NaN: not computed yet)."""
-
-    @property
-    def n_cells(self) -> int:
-        """Reference cells in the index."""
-        return int(self.tree.n)
-
-    @property
-    def n_dims(self) -> int:
-        """Latent dimensions."""
-        return int(self.tree.m)
-
-    def query(self, latent: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Distances (float32) and indices (int64) of each cell's nearest reference cells.
-
-        Both are ``[n, min(k, n_cells)]``, nearest first; ties keep the kd-tree's order.
-        """
-        x = _check_latent(latent, what="query latent", n_dims=self.n_dims)
-        k_eff = min(_check_k(k), self.n_cells)
-        return _search(self.tree, x, k_eff, eps=self.eps, order=self._spatial_order(x))
-
-    def _spatial_order(self, x: np.ndarray) -> np.ndarray | None:
-        """Order query cells by their nearest coarse cell, or None for small queries.
-
-        Consecutive queries then walk the same branches of the tree, which stay in cache:
-        about twice as fast for large random-order queries. Results do not depend on it.
-        """
-        if x.shape[0] < _ORDER_MIN_QUERY:
-            return None
-        _, nearest = self.coarse.query(x, k=1, workers=-1)
-        return np.argsort(nearest, kind="stable")
-
-
-def _search(
-    tree: cKDTree, x: np.ndarray, k: int, *, eps: float, order: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Query ``tree`` for ``[n, k]`` float32 distances and int64 indices, in ``x``'s order."""
-    shape = (x.shape[0], k)
-    dist = np.empty(shape, dtype=np.float32)
-    idx = np.empty(shape, dtype=np.int64)
-    rows = slice(None) if order is None else order
-    d, i = tree.query(x[rows], k=k, eps=eps, workers=-1)
-    dist[rows] = np.reshape(d, shape)
-    idx[rows] = np.reshape(i, shape)
-    return dist, idx
-
-
-def build_index(reference_latent: np.ndarray, *, eps: float = SEARCH_EPS) -> NeighborIndex:
-    """Index a reference latent ``[n_cells, n_dims]`` for Euclidean kNN queries.
-
-    ``eps`` > 0 trades exactness for speed, deterministically (see :data:`SEARCH_EPS`).
-    """
-    if not float(eps) >= 0.0:
-        raise ModelError(f"eps must be ≥ 0 (0: exact search), got {eps!r}")
-    x = _check_latent(reference_latent, what="reference latent")
-    if x.shape[0] == 0:
-        raise DataError("the reference latent has no cells", hint="Embed the reference first")
-    tree = cKDTree(x, leafsize=_LEAF_SIZE)
-    # Every step-th cell in leaf order: spread over the latent as the cells are, no RNG.
-    step = max(1, x.shape[0] // _COARSE_CELLS)
-    return NeighborIndex(tree=tree, coarse=cKDTree(x[tree.indices[::step]]), eps=float(eps))
-
-
-def _effective_k(index: NeighborIndex, k: int, *, stacklevel: int) -> int:
-    """Clip k to the reference size, warning when it is clipped."""
-    k = _check_k(k)
-    if k > index.n_cells:
-        warnings.warn(
-            f"k={k} exceeds the {index.n_cells} reference cells; using k={index.n_cells}",
-            HubarchesWarning,
-            stacklevel=stacklevel + 1,
-        )
-    return min(k, index.n_cells)
 
 
 # --- label transfer -----------------------------------------------------------------------
@@ -314,20 +169,11 @@ def _check_categories(categories: Sequence[str], codes: np.ndarray) -> tuple[str
             hint="Use a reference whose embedding stores labels, or map without label transfer",
         )
     if UNKNOWN_LABEL in cats:
-        warnings.warn(
+        warn(
             f"the reference has a category named {UNKNOWN_LABEL!r}; query cells given it "
-            "cannot be told apart from uncertain ones",
-            HubarchesWarning,
-            stacklevel=4,
+            "cannot be told apart from uncertain ones"
         )
     return cats
-
-
-def _check_quality_threshold(threshold: float) -> float:
-    """Validate a mapping-quality threshold: it is > 0 (inf flags nothing)."""
-    if not float(threshold) > 0.0:
-        raise ModelError(f"the mapping-quality threshold must be > 0, got {threshold!r}")
-    return float(threshold)
 
 
 def _check_threshold(threshold: float) -> float:
@@ -368,7 +214,7 @@ def _transfer(
     """Do the work of :func:`transfer_from_neighbors` (public callers call this directly)."""
     threshold = _check_threshold(threshold)
     codes = _check_codes(reference_codes)
-    dist, idx = _check_neighbors(distances, indices, codes.shape[0])
+    dist, idx = check_neighbors(distances, indices, codes.shape[0])
     cats = _check_categories(categories, codes)
     n = dist.shape[0]
     if unknown_mask is None:
@@ -410,140 +256,9 @@ def transfer_labels(
     """Label query cells by a distance-weighted vote of their k nearest reference cells."""
     codes = _check_codes(reference_codes, n=index.n_cells)
     threshold = _check_threshold(threshold)
-    k_eff = _effective_k(index, k, stacklevel=2)
+    k_eff = effective_k(index, k)
     dist, idx = index.query(query_latent, k_eff)
     return _transfer(dist, idx, codes, categories, threshold, None)
-
-
-# --- mapping quality ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MappingQuality:
-    """How far each query cell lies from its nearest reference cells, relative to their spread."""
-
-    score: np.ndarray
-    """float32 [n_query]: mean distance to the k nearest reference cells ÷ the mean of those
-    cells' own leave-self-out mean kNN distance; ≈1 for a cell like its neighbours."""
-    ok: np.ndarray
-    """bool [n_query]: ``score <= threshold``."""
-    threshold: float
-    n_flagged: int
-    k: int
-    n_degenerate: int = 0
-    """Cells whose k neighbours all coincide with other reference cells (spread 0); they
-    score 0 on those points and inf off them."""
-
-    def to_dict(self) -> dict:
-        """Summarize for a JSON report: flagged count and share, threshold, k, quantiles."""
-        n = int(self.score.shape[0])
-        finite = self.score[np.isfinite(self.score)]
-        quantiles = (
-            {f"q{q}": float(np.percentile(finite, q)) for q in (50, 95, 99)} if finite.size else {}
-        )
-        return {
-            "n_cells": n,
-            "n_flagged": self.n_flagged,
-            "fraction_flagged": self.n_flagged / n if n else 0.0,
-            "threshold": self.threshold,
-            "k": self.k,
-            "score": "local distance ratio: a cell's mean distance to its k nearest reference "
-            "cells over theirs to their own k nearest",
-            "n_degenerate": self.n_degenerate,
-            "score_quantiles": quantiles,
-        }
-
-
-def _spread(index: NeighborIndex, needed: np.ndarray, k: int) -> np.ndarray:
-    """Each reference cell's mean distance to its k nearest *other* cells, as float64 [n_cells].
-
-    Computed only for the ``needed`` cells not computed before (others may be NaN) and
-    cached on the index per k: a large query needs most of the reference once, later
-    queries little. A cell's own distance is 0, the smallest, so dropping the first column
-    of a (k+1)-query leaves exactly the leave-self-out distances, duplicates included.
-    """
-    cache = index._spread.get(k)
-    if cache is None:
-        cache = np.full(index.n_cells, np.nan)
-        index._spread[k] = cache
-    todo = np.zeros(index.n_cells, dtype=bool)
-    todo[needed] = True
-    todo &= np.isnan(cache)
-    # In leaf order, consecutive searches share branches of the tree (as in `query`).
-    cells = index.tree.indices[todo[index.tree.indices]]
-    if cells.size:
-        dist, _ = _search(index.tree, index.tree.data[cells], k + 1, eps=index.eps, order=None)
-        cache[cells] = dist[:, 1:].mean(axis=1, dtype=np.float64)
-    return cache
-
-
-def quality_from_neighbors(
-    index: NeighborIndex,
-    distances: np.ndarray,
-    indices: np.ndarray,
-    *,
-    threshold: float = MAPPING_QUALITY_THRESHOLD,
-) -> MappingQuality:
-    """Score query cells from their precomputed reference neighbours (``index.query``).
-
-    With N(i) the k nearest reference cells of query cell i and s_j the mean distance of
-    reference cell j to its own k nearest other reference cells,
-    ``score_i = mean_{j∈N(i)} d(i, j) / mean_{j∈N(i)} s_j``. A global scale misses cells
-    the encoder puts just off a dense known cluster; this ratio compares each cell with its
-    own neighbourhood. Cells with ``score > threshold`` are flagged.
-    """
-    return _quality(index, distances, indices, threshold)
-
-
-def _quality(
-    index: NeighborIndex, distances: np.ndarray, indices: np.ndarray, threshold: float
-) -> MappingQuality:
-    """Do the work of :func:`quality_from_neighbors` (public callers call this directly)."""
-    threshold = _check_quality_threshold(threshold)
-    dist, idx = _check_neighbors(distances, indices, index.n_cells)
-    if index.n_cells < 2:
-        raise DataError(
-            "mapping quality needs a reference of at least 2 cells (it compares reference "
-            "cells with each other)"
-        )
-    k = min(dist.shape[1], index.n_cells - 1)
-    idx = idx[:, :k]
-    stat = dist[:, :k].mean(axis=1, dtype=np.float64)
-    local = _spread(index, idx, k)[idx].mean(axis=1)
-    degenerate = local <= 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        score = np.where(degenerate, np.where(stat > 0.0, np.inf, 0.0), stat / local)
-    n_degenerate = int(degenerate.sum())
-    if n_degenerate:
-        warnings.warn(
-            f"{n_degenerate} query cells have only coinciding reference cells as neighbours "
-            "(their kNN distances are 0); those not on the same points are flagged",
-            HubarchesWarning,
-            stacklevel=3,
-        )
-    ok = score <= threshold
-    return MappingQuality(
-        score=score.astype(np.float32),
-        ok=ok,
-        threshold=threshold,
-        n_flagged=int((~ok).sum()),
-        k=k,
-        n_degenerate=n_degenerate,
-    )
-
-
-def mapping_quality(
-    index: NeighborIndex,
-    query_latent: np.ndarray,
-    *,
-    k: int = DEFAULT_K,
-    threshold: float = MAPPING_QUALITY_THRESHOLD,
-) -> MappingQuality:
-    """Flag query cells that lie farther from their reference neighbours than those from theirs."""
-    threshold = _check_quality_threshold(threshold)
-    k_eff = _effective_k(index, k, stacklevel=2)
-    dist, idx = index.query(query_latent, k_eff)
-    return _quality(index, dist, idx, threshold)
 
 
 def annotate(
@@ -565,10 +280,9 @@ def annotate(
     """
     codes = _check_codes(reference_codes, n=index.n_cells)
     threshold = _check_threshold(threshold)
-    quality_threshold = _check_quality_threshold(quality_threshold)
-    k_eff = _effective_k(index, k, stacklevel=2)
+    k_eff = effective_k(index, k)
     dist, idx = index.query(query_latent, k_eff)
-    quality = _quality(index, dist, idx, quality_threshold)
+    quality = quality_from_neighbors(index, dist, idx, threshold=quality_threshold)
     mask = ~quality.ok if unknown_if_flagged else None
     transfer = _transfer(dist, idx, codes, categories, threshold, mask)
     return transfer, quality

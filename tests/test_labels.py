@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from hubarches import labels
+from hubarches import labels, neighbors
 from hubarches.errors import DataError, HubarchesWarning, ModelError
 
 N_DIMS = 10
@@ -49,7 +49,7 @@ def world() -> dict:
 
 @pytest.mark.parametrize("order_from", [1, 10**9], ids=["spatially-ordered", "as-given"])
 def test_query_is_exact_and_typed(world, monkeypatch, order_from):
-    monkeypatch.setattr(labels, "_ORDER_MIN_QUERY", order_from)
+    monkeypatch.setattr(neighbors, "_ORDER_MIN_QUERY", order_from)
     q = np.concatenate([world["known"][::37], world["unseen"][::11]])
     dist, idx = world["index"].query(q, 5)
     assert dist.dtype == np.float32
@@ -261,13 +261,13 @@ def test_spread_is_computed_for_needed_cells_once_and_cached(world, monkeypatch)
     computed = np.flatnonzero(~np.isnan(cache))
     np.testing.assert_array_equal(computed, np.unique(idx))  # only A's neighbours
     searched: list[int] = []
-    search = labels._search
+    search = neighbors._search
 
     def counting(tree, x, k, **kw):
         searched.append(x.shape[0])
         return search(tree, x, k, **kw)
 
-    monkeypatch.setattr(labels, "_search", counting)
+    monkeypatch.setattr(neighbors, "_search", counting)
     again = labels.mapping_quality(index, near_a)
     assert searched == [len(near_a)]  # the query only: every spread came from the cache
     np.testing.assert_array_equal(again.score, first.score)
