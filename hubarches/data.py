@@ -18,6 +18,13 @@ import scipy.sparse as sp
 
 from hubarches import batching
 from hubarches.batching import CountMatrix, Counts, StreamedCounts
+from hubarches.covariates import (
+    CovariateEncoding,
+    encode_covariates,
+    obs_column,
+    require_values,
+    string_codes,
+)
 from hubarches.errors import (
     CountsError,
     CovariateError,
@@ -68,9 +75,6 @@ LOG_NORMALIZED_MAX = 20.0
 #: empty barcodes are normal, many suggest the wrong genes or an unfiltered matrix.
 ZERO_COUNT_WARN_FRACTION = 0.05
 ZERO_COUNT_POLICY = "kept and embedded; excluded from query training"
-
-_MISSING_STRINGS = frozenset({"", "nan", "none", "<na>"})
-
 
 # --- counts -----------------------------------------------------------------------------------
 
@@ -230,114 +234,6 @@ def _aligned_counts(adata: Any, alignment: GeneAlignment, *, layer: str | None) 
     return sp.csr_matrix(sp.vstack(parts, format="csr"))
 
 
-# --- covariates -------------------------------------------------------------------------------
-
-
-def _category_name(value: object) -> str:
-    """Compare categories as strings; integral floats (1.0) read as integers (1)."""
-    if isinstance(value, float | np.floating) and float(value).is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _string_codes(values: pd.Series) -> tuple[np.ndarray, list[str]]:
-    """Factorize values as strings: codes into the unique names, -1 where a value is missing."""
-    codes, uniques = pd.factorize(values, use_na_sentinel=True)
-    names = [_category_name(u) for u in uniques]
-    merged: dict[str, int] = {}
-    remap = np.empty(len(names) + 1, dtype=np.int64)
-    remap[-1] = -1
-    for i, name in enumerate(names):
-        if name.strip().lower() in _MISSING_STRINGS:
-            remap[i] = -1
-        else:
-            remap[i] = merged.setdefault(name, len(merged))
-    return remap[np.asarray(codes, dtype=np.int64)], list(merged)
-
-
-def _obs_column(obs: pd.DataFrame, column: str, *, key: str, role: str) -> pd.Series:
-    """Return ``obs[column]`` or refuse, listing the columns there are."""
-    if column not in obs.columns:
-        columns = ", ".join(map(str, obs.columns)) or "none"
-        raise CovariateError(
-            f"obs has no column {column!r} for {role}",
-            key=key,
-            hint=f"obs columns: {columns}. Pass the column that holds it (batch_key=... for "
-            "the batch, covariate_keys={...} for other covariates)",
-        )
-    return obs[column]
-
-
-def _require_values(codes: np.ndarray, *, column: str, key: str, role: str) -> None:
-    """Refuse missing covariate values, with their count."""
-    n_missing = int(np.count_nonzero(codes < 0))
-    if n_missing:
-        raise CovariateError(
-            f"obs[{column!r}] ({role}) has {n_missing} of {len(codes)} cells with a missing "
-            "value (NaN or empty)",
-            key=key,
-            hint=f"Give those cells a category (e.g. fill obs[{column!r}] with 'unknown') or "
-            "drop them",
-        )
-
-
-@dataclass(frozen=True, eq=False)
-class CovariateEncoding:
-    """Integer codes of the reference's categorical covariates for each query cell."""
-
-    keys: tuple[str, ...]
-    columns: tuple[str, ...]
-    categories: tuple[tuple[str, ...], ...]
-    new_categories: dict[str, tuple[str, ...]]
-    codes: np.ndarray = field(repr=False)
-
-
-def encode_covariates(
-    obs: pd.DataFrame,
-    reference: Sequence[tuple[str, Sequence[str]]],
-    *,
-    columns: Mapping[str, str] | None = None,
-) -> CovariateEncoding:
-    """Encode each reference covariate; known categories keep their index, new ones follow.
-
-    ``reference`` is ``[(key, categories), ...]`` in manifest order; ``columns`` maps a key to
-    the obs column holding it (default: the same name). Values are compared as strings; new
-    categories are appended sorted, so the same query always gets the same codes.
-    """
-    columns = dict(columns or {})
-    keys, used_columns, categories, codes = [], [], [], []
-    new_categories: dict[str, tuple[str, ...]] = {}
-    for key, known in reference:
-        known = tuple(_category_name(c) for c in known)
-        if len(set(known)) != len(known):
-            raise CovariateError(
-                f"the reference lists a category of {key!r} more than once",
-                key=key,
-                hint="The manifest is corrupted; pull the reference again or re-create it",
-            )
-        column = columns.get(key, key)
-        role = f"the reference's covariate {key!r}"
-        cell_codes, names = _string_codes(_obs_column(obs, column, key=key, role=role))
-        _require_values(cell_codes, column=column, key=key, role=role)
-        added = tuple(sorted(set(names) - set(known)))
-        full = known + added
-        lookup = {name: i for i, name in enumerate(full)}
-        keys.append(key)
-        used_columns.append(column)
-        categories.append(full)
-        if added:
-            new_categories[key] = added
-        codes.append(np.array([lookup[n] for n in names], dtype=np.int64)[cell_codes])
-    stacked = np.stack(codes, axis=1) if codes else np.zeros((len(obs), 0), dtype=np.int64)
-    return CovariateEncoding(
-        keys=tuple(keys),
-        columns=tuple(used_columns),
-        categories=tuple(categories),
-        new_categories=new_categories,
-        codes=stacked,
-    )
-
-
 # --- query ------------------------------------------------------------------------------------
 
 
@@ -482,7 +378,7 @@ def _labels(
     obs: pd.DataFrame, label_key: str, keep: np.ndarray
 ) -> tuple[tuple[str, ...], np.ndarray]:
     """Label categories (sorted strings) and codes of the kept cells, -1 where unlabeled."""
-    codes, names = _string_codes(_obs_column(obs, label_key, key=label_key, role="the cell labels"))
+    codes, names = string_codes(obs_column(obs, label_key, key=label_key, role="the cell labels"))
     codes = codes[keep]
     present = sorted({names[c] for c in np.unique(codes) if c >= 0})
     lookup = np.array([present.index(n) if n in present else -1 for n in names] + [-1])
@@ -535,8 +431,8 @@ def prepare_reference(
             hint="Name each obs column once; the batch key is always the first covariate",
         )
     for key in keys:
-        codes, _ = _string_codes(_obs_column(adata.obs, key, key=key, role="a covariate"))
-        _require_values(codes, column=key, key=key, role="a covariate")
+        codes, _ = string_codes(obs_column(adata.obs, key, key=key, role="a covariate"))
+        require_values(codes, column=key, key=key, role="a covariate")
     _require_unique_genes(names, gene_key=gene_key)
     identity = align_genes(names, list(names), gene_key=gene_key)
     matrix = _aligned_counts(adata, identity, layer=layer)
@@ -551,7 +447,7 @@ def prepare_reference(
         matrix = sp.csr_matrix(matrix[keep])
         logger.info("dropped %d reference cells without counts", n_dropped)
     obs = adata.obs.iloc[np.flatnonzero(keep)]
-    reference = [(k, sorted(set(_string_codes(obs[k])[1]))) for k in keys]
+    reference = [(k, sorted(set(string_codes(obs[k])[1]))) for k in keys]
     encoding = encode_covariates(obs, reference)
     label_categories, label_codes = (
         _labels(adata.obs, label_key, keep) if label_key is not None else (None, None)
