@@ -147,10 +147,17 @@ def _search(
     return dist, idx
 
 
-def build_index(reference_latent: np.ndarray, *, eps: float = SEARCH_EPS) -> NeighborIndex:
+def build_index(
+    reference_latent: np.ndarray,
+    *,
+    eps: float = SEARCH_EPS,
+    spread: tuple[int, np.ndarray] | None = None,
+) -> NeighborIndex:
     """Index a reference latent ``[n_cells, n_dims]`` for Euclidean kNN queries.
 
     ``eps`` > 0 trades exactness for speed, deterministically (see :data:`SEARCH_EPS`).
+    ``spread = (k, values)`` seeds :func:`reference_spread` with values computed before (a
+    bundle stores them for the default k), sparing a search of the whole reference.
     """
     if not float(eps) >= 0.0:
         raise ModelError(f"eps must be ≥ 0 (0: exact search), got {eps!r}")
@@ -160,7 +167,18 @@ def build_index(reference_latent: np.ndarray, *, eps: float = SEARCH_EPS) -> Nei
     tree = cKDTree(x, leafsize=_LEAF_SIZE)
     # Every step-th cell in leaf order: spread over the latent as the cells are, no RNG.
     step = max(1, x.shape[0] // _COARSE_CELLS)
-    return NeighborIndex(tree=tree, coarse=cKDTree(x[tree.indices[::step]]), eps=float(eps))
+    index = NeighborIndex(tree=tree, coarse=cKDTree(x[tree.indices[::step]]), eps=float(eps))
+    if spread is not None:
+        k, values = spread
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != (x.shape[0],) or not np.isfinite(values).all() or (values < 0).any():
+            raise DataError(
+                f"the stored neighbour spread has shape {values.shape} or invalid values for "
+                f"{x.shape[0]} reference cells",
+                hint="The bundle is inconsistent; pull it again or rebuild it",
+            )
+        index._spread[check_k(k)] = values.copy()
+    return index
 
 
 def effective_k(index: NeighborIndex, k: int) -> int:

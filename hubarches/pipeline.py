@@ -51,6 +51,7 @@ from hubarches.labels import (
 )
 from hubarches.manifest import Categorical, Lineage, Manifest, ParentRef, TrainingSummary
 from hubarches.model import build_model
+from hubarches.neighbors import reference_spread
 from hubarches.reference import Reference, ReferenceEmbedding
 from hubarches.registry import Registry, VersionInfo
 from hubarches.registry.select import get_registry
@@ -177,7 +178,16 @@ def train_atlas(
         seed=options.seed,
     )
     latent = embed_matrix(model, counts, prepared.codes, device=options.device)[keep]
-    embedding = ReferenceEmbedding(latent=latent, labels=None if codes is None else codes[keep])
+    spread_k = min(DEFAULT_K, len(latent) - 1)
+    spread = None
+    if spread_k >= 1:  # mapping quality's denominator, once here rather than at every map
+        spread = reference_spread(build_index(latent), np.arange(len(latent)), spread_k)
+    embedding = ReferenceEmbedding(
+        latent=latent,
+        labels=None if codes is None else codes[keep],
+        spread=spread,
+        spread_k=spread_k if spread is not None else None,
+    )
     labels = (
         Categorical(key=prepared.label_key, categories=prepared.label_categories)
         if prepared.label_key is not None and prepared.label_categories
@@ -347,7 +357,8 @@ def _annotate(
     emb = reference.embedding
     if emb is None or len(emb.latent) == 0:
         return None, None
-    index = build_index(emb.latent)
+    stored = None if emb.spread is None or emb.spread_k is None else (emb.spread_k, emb.spread)
+    index = build_index(emb.latent, spread=stored)
     distances, neighbors = index.query(latent, min(k, index.n_cells))
     scores = quality_from_neighbors(index, distances, neighbors, threshold=quality)
     if not prepared.trainable.all():

@@ -32,6 +32,8 @@ __all__ = ["Reference", "ReferenceEmbedding"]
 
 LATENT_TENSOR = "latent"
 LABELS_TENSOR = "labels"
+SPREAD_TENSOR = "spread"
+SPREAD_K_TENSOR = "spread_k"
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,30 +47,52 @@ class ReferenceEmbedding:
 
     latent: np.ndarray = field(repr=False)
     labels: np.ndarray | None = field(default=None, repr=False)
+    spread: np.ndarray | None = field(default=None, repr=False)
+    """Each cell's mean distance to its ``spread_k`` nearest other cells (mapping quality's
+    denominator), computed once at training instead of at every mapping."""
+    spread_k: int | None = None
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> ReferenceEmbedding:
         """Read the tensors of an embedding file, checking names and shapes."""
-        expected = {LATENT_TENSOR, LABELS_TENSOR}
+        expected = {LATENT_TENSOR, LABELS_TENSOR, SPREAD_TENSOR, SPREAD_K_TENSOR}
         unexpected = sorted(set(tensors) - expected)
         if LATENT_TENSOR not in tensors or unexpected:
             raise WeightsError(
-                f"{EMBEDDING_FILE} must hold '{LATENT_TENSOR}' and optionally '{LABELS_TENSOR}'",
+                f"{EMBEDDING_FILE} must hold '{LATENT_TENSOR}' and optionally "
+                f"'{LABELS_TENSOR}', '{SPREAD_TENSOR}' and '{SPREAD_K_TENSOR}'",
                 missing=[] if LATENT_TENSOR in tensors else [LATENT_TENSOR],
                 unexpected=unexpected,
             )
         latent = tensors[LATENT_TENSOR].numpy().astype(np.float32, copy=False)
         labels = tensors.get(LABELS_TENSOR)
         codes = None if labels is None else labels.numpy().astype(np.int64, copy=False)
-        if latent.ndim != 2 or (codes is not None and codes.shape != (latent.shape[0],)):
+        spread = tensors.get(SPREAD_TENSOR)
+        spread_k = tensors.get(SPREAD_K_TENSOR)
+        n = latent.shape[0] if latent.ndim == 2 else -1
+        if (
+            latent.ndim != 2
+            or (codes is not None and codes.shape != (n,))
+            or (spread is None) != (spread_k is None)
+            or (spread is not None and tuple(spread.shape) != (n,))
+            or (spread_k is not None and spread_k.numel() != 1)
+        ):
             raise WeightsError(f"{EMBEDDING_FILE} has tensors of inconsistent shapes")
-        return cls(latent=latent, labels=codes)
+        return cls(
+            latent=latent,
+            labels=codes,
+            spread=None if spread is None else spread.numpy().astype(np.float64),
+            spread_k=None if spread_k is None else int(spread_k.item()),
+        )
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors to save as ``embedding.safetensors``."""
         out = {LATENT_TENSOR: torch.from_numpy(np.ascontiguousarray(self.latent))}
         if self.labels is not None:
             out[LABELS_TENSOR] = torch.from_numpy(np.ascontiguousarray(self.labels))
+        if self.spread is not None and self.spread_k is not None:
+            out[SPREAD_TENSOR] = torch.from_numpy(self.spread.astype(np.float32))
+            out[SPREAD_K_TENSOR] = torch.tensor(self.spread_k, dtype=torch.int64)
         return out
 
 

@@ -145,12 +145,26 @@ def test_labelled_bundle_stores_a_stratified_embedding(mapped, tmp_path):
     path = reference.save(tmp_path / "bundle")
     assert EMBEDDING_FILE in hubarches.load_reference(path).manifest.files
     tensors = load_file(path / EMBEDDING_FILE)
-    assert set(tensors) == {"latent", "labels"}
+    assert set(tensors) == {"latent", "labels", "spread", "spread_k"}
     n_ref = mapped["ref"].n_obs
     assert tensors["latent"].shape == (n_ref, reference.manifest.model.n_latent)
     cats = reference.manifest.labels.categories
     expected = pd.Categorical(mapped["ref"].obs["cell_type"], categories=cats).codes
     np.testing.assert_array_equal(tensors["labels"], expected)
+
+
+def test_stored_spread_gives_the_scores_computed_from_scratch(mapped):
+    """The bundle's precomputed neighbour spread is only a shortcut for mapping quality."""
+    from hubarches.neighbors import build_index
+    from hubarches.quality import mapping_quality
+
+    emb = mapped["reference"].embedding
+    assert emb.spread_k == 15
+    latent = mapped["result"].latent
+    stored = mapping_quality(build_index(emb.latent, spread=(emb.spread_k, emb.spread)), latent)
+    fresh = mapping_quality(build_index(emb.latent), latent)
+    np.testing.assert_allclose(stored.score, fresh.score, rtol=1e-5)
+    np.testing.assert_array_equal(stored.ok, fresh.ok)
 
 
 def test_embedding_survives_push_and_pull(mapped):
@@ -199,7 +213,7 @@ def test_tampered_embedding_in_the_cache_is_fetched_again(mapped, isolated_env):
 # --- a reference without labels -------------------------------------------------------------
 
 
-def test_bundle_without_labels_stores_the_latent_only(unlabelled, tmp_path):
+def test_bundle_without_labels_stores_no_labels(unlabelled, tmp_path):
     reference = unlabelled["reference"]
     assert reference.manifest.labels is None
     assert reference.embedding.labels is None
@@ -207,7 +221,7 @@ def test_bundle_without_labels_stores_the_latent_only(unlabelled, tmp_path):
     loaded = hubarches.load_reference(path)
     assert EMBEDDING_FILE in loaded.manifest.files
     assert loaded.manifest.labels is None
-    assert set(load_file(path / EMBEDDING_FILE)) == {"latent"}
+    assert set(load_file(path / EMBEDDING_FILE)) == {"latent", "spread", "spread_k"}
     assert loaded.embedding.labels is None
     assert loaded.embedding.latent.shape[0] == reference.embedding.latent.shape[0]
 
