@@ -1,11 +1,11 @@
-"""The fused likelihood core: compiled equals eager, and a failed compile falls back."""
+"""The fused likelihood core: C and compiled equal eager, and a failed compile falls back."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hubarches import fastlik
+from hubarches import fastlik, native
 from hubarches.errors import HubarchesWarning
 
 
@@ -25,6 +25,7 @@ def _fresh_compile_state(monkeypatch: pytest.MonkeyPatch):
         fastlik, "_COMPILE_STATE", {"enabled": False, "failed": False, "core": None}
     )
     monkeypatch.delenv(fastlik.COMPILE_ENV, raising=False)
+    monkeypatch.delenv(native.NATIVE_ENV, raising=False)
 
 
 def test_compile_policy_follows_env_then_request_then_length(monkeypatch: pytest.MonkeyPatch):
@@ -37,7 +38,8 @@ def test_compile_policy_follows_env_then_request_then_length(monkeypatch: pytest
     assert fastlik.compile_wanted(1, requested=False)
 
 
-def test_compiled_core_matches_eager() -> None:
+def test_compiled_core_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(native.NATIVE_ENV, "0")  # the C core would otherwise come first
     args = _inputs()
     eager = fastlik.elementwise_core(*args, zinb=True, want_theta=True)
     with fastlik.compiled(True):
@@ -55,6 +57,7 @@ def test_failed_compile_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatc
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
     args = _inputs()
     eager = fastlik.elementwise_core(*args, zinb=False, want_theta=False)
     with fastlik.compiled(True), pytest.warns(HubarchesWarning, match="torch.compile"):
@@ -83,3 +86,111 @@ def test_log_gamma_table_equals_lgamma_with_gradients() -> None:
     torch.testing.assert_close(g_fast, g_plain, rtol=1e-9, atol=1e-9)
     assert (values <= fastlik.SMALL_COUNT).any()
     assert (values > fastlik.SMALL_COUNT).any()
+
+
+# --- the C core (hubarches._fastcore) ----------------------------------------------------------
+
+
+def _c_compiler() -> bool:
+    import shutil
+    import sys
+
+    return sys.platform.startswith("linux") and shutil.which("cc") is not None
+
+
+@pytest.mark.skipif(not _c_compiler(), reason="no C compiler to build the extension with")
+def test_c_core_is_built_where_a_compiler_exists() -> None:
+    """Installing on a machine with a C compiler must build the core (else it runs 2× slower)."""
+    assert native._fastcore is not None, "hubarches._fastcore was not built: reinstall"
+    assert native.available()
+
+
+needs_c = pytest.mark.skipif(native._fastcore is None, reason="hubarches._fastcore not built")
+
+
+@needs_c
+@pytest.mark.parametrize("likelihood", ["zinb", "nb", "poisson"])
+@pytest.mark.parametrize("theta_per_cell", [False, True])
+@pytest.mark.parametrize("want_theta", [False, True])
+def test_c_core_matches_eager(likelihood: str, theta_per_cell: bool, want_theta: bool) -> None:
+    gen = torch.Generator().manual_seed(1)
+    b, g = 37, 301  # odd sizes: vector remainders and a thread's uneven share of rows
+    a = torch.randn(b, g, generator=gen) * 4
+    a[0, :5] = torch.tensor([40.0, -40.0, 0.0, 25.0, -60.0])  # extreme logits
+    p = torch.randn(b, g, generator=gen) * 6
+    p[1, :4] = torch.tensor([30.0, -30.0, 0.0, 80.0])
+    x = torch.poisson(torch.rand(b, g, generator=gen) ** 4 * 30, generator=gen)
+    x[2, 7] = 5_000.0  # a large count
+    x[3] = 0.0
+    x[3, 0] = 1.0  # a cell with a single count
+    log_lib = torch.log(x.sum(1))
+    log_theta = torch.randn(b, g, generator=gen) if theta_per_cell else torch.randn(g)
+    theta, lt = (None, None) if likelihood == "poisson" else (log_theta.exp(), log_theta)
+    pp = p if likelihood == "zinb" else None
+    zinb = likelihood == "zinb"
+    assert native.supports(a, pp, x, log_lib, theta, lt)
+    eager = fastlik.elementwise_core(a, pp, x, log_lib, theta, lt, zinb=zinb, want_theta=want_theta)
+    fast = native.native_core(a, pp, x, log_lib, theta, lt, zinb=zinb, want_theta=want_theta)
+    for e, c in zip(eager, fast, strict=True):
+        if e is None:
+            assert c is None
+            continue
+        assert torch.isfinite(c).all()
+        scale = float(e.abs().max())
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-5 * scale)
+
+
+@needs_c
+def test_c_core_reads_row_strided_views() -> None:
+    """Logits may be column blocks of one wider matrix (both decoder heads in one product)."""
+    a, p, x, log_lib, theta, log_theta = _inputs()
+    both = torch.cat([a, p], dim=1)
+    av, pv = both[:, : a.shape[1]], both[:, a.shape[1] :]
+    assert not av.is_contiguous()
+    assert native.supports(av, pv, x, log_lib, theta, log_theta)
+    out = native.native_core(av, pv, x, log_lib, theta, log_theta, zinb=True, want_theta=True)
+    ref = fastlik.elementwise_core(a, p, x, log_lib, theta, log_theta, zinb=True, want_theta=True)
+    for e, c in zip(ref, out, strict=True):
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4)
+
+
+@needs_c
+def test_c_core_declines_what_it_cannot_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, p, x, log_lib, theta, log_theta = _inputs()
+    assert native.supports(a, p, x, log_lib, theta, log_theta)
+    assert not native.supports(a.double(), p, x, log_lib, theta, log_theta)
+    assert not native.supports(a.t().contiguous().t(), p, x, log_lib, theta, log_theta)
+    assert not native.supports(a, p, x.t().contiguous().t(), log_lib, theta, log_theta)
+    assert not native.supports(a, p, x, log_lib, theta[:-1], log_theta[:-1])
+    assert not native.supports(a, p, x, log_lib, None, None)  # ZINB logits without θ
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    assert not native.available()
+    assert not native.supports(a, p, x, log_lib, theta, log_theta)
+
+
+@needs_c
+@pytest.mark.parametrize("likelihood", ["zinb", "nb"])
+def test_loss_gradients_agree_with_and_without_the_c_core(
+    monkeypatch: pytest.MonkeyPatch, likelihood: str
+) -> None:
+    from hubarches.config import ModelConfig
+    from hubarches.model import build_model
+
+    config = ModelConfig(
+        n_genes=50, covariate_sizes=(3,), likelihood=likelihood, dispersion="gene-batch"
+    )
+    model = build_model(config, seed=0).eval()  # no dropout: both runs see one network
+    gen = torch.Generator().manual_seed(0)
+    x = torch.poisson(torch.rand(16, 50, generator=gen) * 4, generator=gen)
+    x[:, 0] += 1
+    codes = torch.randint(0, 3, (16, 1), generator=gen)
+    noise = torch.randn(16, config.n_latent, generator=gen)
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv(native.NATIVE_ENV, flag)
+        model.zero_grad(set_to_none=True)
+        model.loss(x, codes, noise=noise).total(0.5).backward()
+        results.append({n: q.grad.clone() for n, q in model.named_parameters()})
+    with_c, without = results
+    for name, grad in without.items():
+        torch.testing.assert_close(with_c[name], grad, rtol=1e-4, atol=1e-5, msg=name)
