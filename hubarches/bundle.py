@@ -4,7 +4,9 @@ A bundle holds ``manifest.json``, ``model.safetensors`` (the weights), ``README.
 model card, rendered from the manifest) and optionally ``embedding.safetensors`` (the
 reference latent and label codes). The manifest lists every other file with its size and
 sha256; a bundle is verified file by file before anything in it is read, and tensors are read
-with safetensors only, so nothing is ever unpickled. Bundles are built in a temporary
+with safetensors only, so nothing is ever unpickled. A listed ``*.safetensors`` file that is
+not one (a pickle relisted with its right sha256) is refused before the bundle is published
+or cached (:func:`check_tensor_files`). Bundles are built in a temporary
 directory beside their destination and renamed into place, so a half-written bundle is never
 visible. torch is imported lazily: listing and publishing need no torch.
 """
@@ -53,13 +55,17 @@ __all__ = [
     "EMBEDDING_FILE",
     "MANIFEST_FILE",
     "REQUIRED_FILES",
+    "TENSOR_SUFFIX",
     "WEIGHTS_FILE",
+    "check_publishable",
+    "check_tensor_files",
     "clean_stale_temp_dirs",
     "copy_payload",
     "file_entry",
     "finish_bundle",
     "make_temp_dir",
     "move_into_place",
+    "read_bundle_manifest",
     "read_tensors",
     "restamp_bundle",
     "verify_bundle",
@@ -72,6 +78,8 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
 EMBEDDING_FILE = "embedding.safetensors"
 REQUIRED_FILES = (WEIGHTS_FILE, CARD_FILE)
+TENSOR_SUFFIX = ".safetensors"
+"""A listed file with this suffix must be safetensors: checked before it is published or cached."""
 HASH_BLOCK_BYTES = 4 * 1024 * 1024
 """sha256 is streamed in blocks of this size: large enough to be fast, small in memory."""
 STALE_TEMP_SECONDS = 24 * 3600
@@ -136,6 +144,21 @@ def _check_required(bundle: Path, manifest: Manifest) -> None:
         )
 
 
+def read_bundle_manifest(path: Path) -> Manifest:
+    """Read a bundle's manifest and check that it lists the weights and the card.
+
+    No file is hashed: this is the cheap first look (ManifestError, ManifestVersionError,
+    IntegrityError for a missing or linked manifest).
+    """
+    bundle = Path(path)
+    if not bundle.is_dir():
+        raise IntegrityError(str(bundle), "there is no bundle directory there")
+    _regular_file(bundle, MANIFEST_FILE)
+    manifest = read_manifest(bundle / MANIFEST_FILE)
+    _check_required(bundle, manifest)
+    return manifest
+
+
 def verify_bundle(path: Path, *, expected_digest: str | None = None) -> Manifest:
     """Verify a bundle and return its manifest.
 
@@ -144,10 +167,7 @@ def verify_bundle(path: Path, *, expected_digest: str | None = None) -> Manifest
     IntegrityError naming the first file that fails, ManifestError, ManifestVersionError.
     """
     bundle = Path(path)
-    if not bundle.is_dir():
-        raise IntegrityError(str(bundle), "there is no bundle directory there")
-    _regular_file(bundle, MANIFEST_FILE)
-    manifest = read_manifest(bundle / MANIFEST_FILE)
+    manifest = read_bundle_manifest(bundle)
     if expected_digest is not None:
         actual = manifest_digest(manifest)
         if actual != expected_digest:
@@ -156,9 +176,20 @@ def verify_bundle(path: Path, *, expected_digest: str | None = None) -> Manifest
                 f"its digest is sha256:{actual} where sha256:{expected_digest} was expected",
                 bundle=str(bundle),
             )
-    _check_required(bundle, manifest)
     for name, entry in sorted(manifest.files.items()):
         _verify_file(bundle, name, entry)
+    return manifest
+
+
+def check_publishable(path: Path) -> Manifest:
+    """Refuse, before anything is written, a bundle that cannot be published; its manifest.
+
+    Reads the manifest (:func:`read_bundle_manifest`) and the header of every listed
+    safetensors file (:func:`check_tensor_files`), checking sizes but not hashes: those are
+    checked as the files are copied, and the copy is checked again.
+    """
+    manifest = read_bundle_manifest(path)
+    check_tensor_files(path, manifest)
     return manifest
 
 
@@ -186,6 +217,47 @@ def _check_safetensors(path: Path, name: str) -> None:
         hint="Save tensors with safetensors.torch.save_file, or write the bundle with "
         "hubarches.bundle.write_bundle",
     )
+
+
+def _parse_safetensors_header(path: Path, name: str) -> None:
+    """Parse a safetensors header with the safetensors library (no tensor data is read).
+
+    safetensors checks the JSON, the dtypes and shapes against the byte ranges, and that the
+    ranges cover the file exactly; nothing in the format can run code.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            fh.keys()
+    except Exception as err:  # SafetensorError, and OSError for an unreadable file
+        raise WeightsError(
+            f"{name} is not a valid safetensors file: {err}",
+            hint="Save tensors with safetensors.torch.save_file, or write the bundle with "
+            "hubarches.bundle.write_bundle",
+        ) from err
+
+
+def check_tensor_files(path: Path, manifest: Manifest) -> None:
+    """Check that every ``*.safetensors`` file the manifest lists is one, from its header.
+
+    Each must be a regular file of the listed size (IntegrityError) whose header parses as
+    safetensors (WeightsError: a pickle or a torch.save checkpoint is named as such). Hashes
+    are not checked here; :func:`verify_bundle` does that. Cheap: only the header is read.
+    """
+    bundle = Path(path)
+    for name, entry in sorted(manifest.files.items()):
+        if not name.endswith(TENSOR_SUFFIX):
+            continue
+        st = _regular_file(bundle, name)
+        if st.st_size != entry.size:
+            raise IntegrityError(
+                name,
+                f"it has {st.st_size} bytes where the manifest lists {entry.size}",
+                bundle=str(bundle),
+            )
+        _check_safetensors(bundle / name, name)
+        _parse_safetensors_header(bundle / name, name)
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -418,18 +490,20 @@ def _copy_verified(src: Path, dst: Path, name: str, expected: FileEntry) -> None
 def copy_payload(src: Path, dest: Path) -> Manifest:
     """Copy a bundle's files except card and manifest into ``dest``, verifying each.
 
-    Returns the source manifest; its own card is verified too, though it is re-rendered
-    by :func:`finish_bundle` afterwards.
+    The copied safetensors files are then checked (:func:`check_tensor_files`), so a pickle
+    relisted with its right sha256 is refused. Returns the source manifest; its own card is
+    verified too, though it is re-rendered by :func:`finish_bundle` afterwards.
     """
     src, dest = Path(src), Path(dest)
-    _regular_file(src, MANIFEST_FILE)
-    manifest = read_manifest(src / MANIFEST_FILE)
-    _check_required(src, manifest)
+    manifest = read_bundle_manifest(src)
     for name, entry in sorted(manifest.files.items()):
         if name == CARD_FILE:
             _verify_file(src, name, entry)
         else:
             _copy_verified(src / name, dest / name, name, entry)
+    # The copy's bytes are the ones published: check them, not the source's, which could
+    # have changed since the first look.
+    check_tensor_files(dest, manifest)
     return manifest
 
 

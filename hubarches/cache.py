@@ -7,9 +7,10 @@ Layout under the cache root (``HUBARCHES_CACHE``, else ``$XDG_CACHE_HOME/hubarch
     refs/<registry key>/<org>/<name>/<version>   the digest a registry gave that version
     tmp/                               fetches in progress (renamed into bundles/ when verified)
 
-A cache entry is used only if it verifies against its digest; one whose bytes changed is
-evicted and fetched again. The refs index lets a version be resolved with no network
-(:func:`cached_versions`).
+A version enters the cache only if it verifies against its digest and its safetensors files
+parse as safetensors; an entry is used only if it verifies against its digest, and one whose
+bytes changed is evicted and fetched again. The refs index lets a version be resolved with no
+network (:func:`cached_versions`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hubarches.bundle import (
+    check_tensor_files,
     clean_stale_temp_dirs,
     make_temp_dir,
     move_into_place,
@@ -236,6 +238,9 @@ def _fetch(reg: Registry, info: VersionInfo, root: Path, entry: Path) -> Manifes
         reg.fetch(info, tmp)
         manifest = verify_bundle(tmp, expected_digest=info.digest)
         _check_identity(tmp, manifest, info)
+        # Once, at insertion: a pickle relisted with its right sha256 never enters the cache.
+        # Later uses verify the sha256, which pins these checked bytes.
+        check_tensor_files(tmp, manifest)
         entry.parent.mkdir(parents=True, exist_ok=True)
         try:
             move_into_place(tmp, entry)

@@ -23,6 +23,7 @@ import pandas as pd
 
 from hubarches._version import __version__
 from hubarches.batching import CountMatrix, embed_matrix
+from hubarches.bundle import check_publishable
 from hubarches.cache import pull
 from hubarches.config import ModelConfig
 from hubarches.data import PreparedQuery, QueryReport, prepare_query, prepare_reference
@@ -105,11 +106,17 @@ def push(
     name: str,
     registry: RegistryArg = None,
 ) -> VersionInfo:
-    """Publish a reference (or a bundle directory) as the next version of ``name``."""
+    """Publish a reference (or a bundle directory) as the next version of ``name``.
+
+    The bundle is loaded first as :func:`load_reference` would load it (every file verified,
+    the weights loaded strictly into the architecture its manifest describes), so a bundle
+    that could not be loaded back is refused before anything is written to the registry.
+    """
     reg = get_registry(registry)
     if isinstance(source, Reference):
         with tempfile.TemporaryDirectory(prefix="hubarches-push-") as tmp:
             bundle = source.save(Path(tmp) / "bundle")
+            _check_loadable(bundle)
             return reg.publish(bundle, name)
     path = Path(source)
     if not (path / "manifest.json").is_file():
@@ -117,7 +124,14 @@ def push(
             f"{path} is not a bundle directory (it has no manifest.json)",
             hint="Pass a directory written by `hubarches train --out` or `map --save-model`",
         )
+    _check_loadable(path)
     return reg.publish(path, name)
+
+
+def _check_loadable(bundle: Path) -> None:
+    """Refuse a bundle that :func:`load_reference` could not load (BundleError subclasses)."""
+    check_publishable(bundle)  # cheap, and names a pickle as such whichever file holds it
+    Reference.from_bundle(bundle)
 
 
 # --- training a reference -----------------------------------------------------------------

@@ -15,17 +15,28 @@ from hubarches.bundle import (
     EMBEDDING_FILE,
     MANIFEST_FILE,
     WEIGHTS_FILE,
+    check_publishable,
+    check_tensor_files,
     clean_stale_temp_dirs,
+    copy_payload,
     file_entry,
     make_temp_dir,
+    read_bundle_manifest,
     read_tensors,
     restamp_bundle,
     verify_bundle,
     write_bundle,
 )
 from hubarches.cards import CARD_TEMPLATE, render_card
-from hubarches.errors import BundleError, IntegrityError, ManifestError, WeightsError
+from hubarches.errors import (
+    BundleError,
+    IntegrityError,
+    ManifestError,
+    ManifestVersionError,
+    WeightsError,
+)
 from hubarches.manifest import (
+    SCHEMA_VERSION,
     Lineage,
     ParentRef,
     TrainingSummary,
@@ -46,12 +57,50 @@ def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def _relist(bundle: Path, filename: str) -> None:
-    """Rewrite the manifest so it lists ``filename``'s current bytes (a consistent forgery)."""
+def relist(bundle: Path, filename: str, **changes: object) -> None:
+    """Rewrite the manifest so it lists ``filename``'s current bytes (a consistent forgery).
+
+    ``changes`` replace other manifest fields too (e.g. ``version`` for a planted version).
+    """
     m = read_manifest(bundle / MANIFEST_FILE)
     files = {**m.files, filename: file_entry(bundle / filename)}
-    forged = m.model_copy(update={"files": files})
+    forged = m.model_copy(update={**changes, "files": files})
     (bundle / MANIFEST_FILE).write_text(manifest_json(forged))
+
+
+# A manifest each reader must refuse: kind → (edit of its JSON, error type, message pattern).
+BAD_MANIFESTS = {
+    "newer-schema": (
+        lambda d: d.update(schema_version=SCHEMA_VERSION + 1),
+        ManifestVersionError,
+        "Upgrade hubarches",
+    ),
+    "unknown-field": (lambda d: d.update(surprise=1), ManifestError, "surprise"),
+    "unknown-nested-field": (lambda d: d["model"].update(surprise=1), ManifestError, "surprise"),
+    "dotdot-file": (lambda d: _list_as(d, "../x"), ManifestError, "not a plain file name"),
+    "absolute-file": (lambda d: _list_as(d, "/abs"), ManifestError, "not a plain file name"),
+    "nested-file": (lambda d: _list_as(d, "a/b"), ManifestError, "not a plain file name"),
+}
+
+
+def _list_as(data: dict, name: str) -> None:
+    data["files"][name] = data["files"][WEIGHTS_FILE]
+
+
+def spoil_manifest(bundle: Path, kind: str) -> tuple[type[Exception], str]:
+    """Edit a bundle's manifest into a BAD_MANIFESTS kind; returns (error type, pattern)."""
+    edit, error, pattern = BAD_MANIFESTS[kind]
+    data = json.loads((bundle / MANIFEST_FILE).read_text())
+    edit(data)
+    (bundle / MANIFEST_FILE).write_text(json.dumps(data))
+    return error, pattern
+
+
+def snapshot(root: Path) -> list[str]:
+    """Every path under ``root`` (directories too), to show that nothing was written."""
+    if not root.exists():
+        return []
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
 def test_write_verify_read_round_trip(tmp_path, make_manifest):
@@ -210,7 +259,7 @@ def test_path_traversal_in_manifest_is_refused(bundle, tmp_path):
         verify_bundle(path)
 
 
-class _Payload:
+class PicklePayload:
     """Unpickling this calls open(marker, "w"): the marker appears iff it was unpickled."""
 
     def __init__(self, marker: Path) -> None:
@@ -220,23 +269,23 @@ class _Payload:
         return (builtins.open, (str(self.marker), "w"))
 
 
-def _pickle_bytes(marker: Path) -> bytes:
-    return pickle.dumps({"encoder.weight": _Payload(marker)})
+def pickle_bytes(marker: Path) -> bytes:
+    return pickle.dumps({"encoder.weight": PicklePayload(marker)})
 
 
-def _torch_zip_bytes(marker: Path, tmp_path: Path) -> bytes:
+def torch_zip_bytes(marker: Path, tmp_path: Path) -> bytes:
     out = tmp_path / "ckpt.pt"
-    torch.save({"encoder.weight": _Payload(marker)}, out)
+    torch.save({"encoder.weight": PicklePayload(marker)}, out)
     return out.read_bytes()
 
 
 def test_payloads_are_live(tmp_path):
     """The payloads below really run code when unpickled (so the next test means something)."""
     marker = tmp_path / "proof"
-    pickle.loads(_pickle_bytes(marker))
+    pickle.loads(pickle_bytes(marker))
     assert marker.exists()
     marker2 = tmp_path / "proof2"
-    (tmp_path / "x.pt").write_bytes(_torch_zip_bytes(marker2, tmp_path))
+    (tmp_path / "x.pt").write_bytes(torch_zip_bytes(marker2, tmp_path))
     torch.load(tmp_path / "x.pt", weights_only=False)
     assert marker2.exists()
 
@@ -246,13 +295,21 @@ def test_payloads_are_live(tmp_path):
 def test_pickle_in_place_of_weights_is_never_unpickled(bundle, tmp_path, kind, relisted):
     path, m = bundle
     marker = tmp_path / "UNPICKLED"
-    payload = _pickle_bytes(marker) if kind == "pickle" else _torch_zip_bytes(marker, tmp_path)
+    payload = pickle_bytes(marker) if kind == "pickle" else torch_zip_bytes(marker, tmp_path)
     (path / WEIGHTS_FILE).write_bytes(payload)
     if relisted:  # the hash is right: only the format check stands between us and pickle
-        _relist(path, WEIGHTS_FILE)
+        relist(path, WEIGHTS_FILE)
         m = verify_bundle(path)
         with pytest.raises(WeightsError, match="not a safetensors file"):
             read_tensors(path, m)
+        with pytest.raises(WeightsError, match=f"{WEIGHTS_FILE} is not a safetensors file"):
+            check_tensor_files(path, m)
+        with pytest.raises(WeightsError, match="never unpickles"):
+            check_publishable(path)
+        dest = tmp_path / "out" / "stamped"
+        with pytest.raises(WeightsError):
+            restamp_bundle(path, dest, name="org/atlas", version=1)
+        assert snapshot(tmp_path / "out") == []  # neither the bundle nor a temp dir
     else:
         with pytest.raises(IntegrityError):
             verify_bundle(path)
@@ -274,10 +331,58 @@ def test_pickle_in_place_of_weights_is_never_unpickled(bundle, tmp_path, kind, r
 def test_garbage_weights_are_a_weights_error(bundle, content):
     path, _ = bundle
     (path / WEIGHTS_FILE).write_bytes(content)
-    _relist(path, WEIGHTS_FILE)
+    relist(path, WEIGHTS_FILE)
     m = verify_bundle(path)
     with pytest.raises(WeightsError):
         read_tensors(path, m)
+    with pytest.raises(WeightsError, match=WEIGHTS_FILE):
+        check_tensor_files(path, m)
+
+
+def test_tensor_files_are_checked_from_their_header(bundle, tmp_path, make_manifest):
+    path, m = bundle
+    check_tensor_files(path, m)  # a real bundle passes
+    dest = tmp_path / "with-embedding"
+    m2 = write_bundle(dest, make_manifest(), _weights(), embedding={"latent": torch.ones(3, 2)})
+    check_tensor_files(dest, m2)
+    marker = tmp_path / "UNPICKLED"
+    (dest / EMBEDDING_FILE).write_bytes(pickle_bytes(marker))
+    relist(dest, EMBEDDING_FILE)
+    with pytest.raises(WeightsError, match=f"{EMBEDDING_FILE} is not a safetensors file"):
+        check_tensor_files(dest, verify_bundle(dest))
+    assert not marker.exists()
+    # Checked against the listed size (cheaply, without hashing), then the header.
+    (path / WEIGHTS_FILE).write_bytes((path / WEIGHTS_FILE).read_bytes()[:-1])
+    with pytest.raises(IntegrityError, match="bytes where the manifest lists"):
+        check_tensor_files(path, m)
+
+
+def test_copy_payload_checks_the_copied_tensor_files(bundle, tmp_path):
+    """The copy is what gets published: a pickle in it is refused, hashes notwithstanding."""
+    src, m = bundle
+    marker = tmp_path / "UNPICKLED"
+    dest = tmp_path / "copy"
+    dest.mkdir()
+    assert copy_payload(src, dest) == m
+    (src / WEIGHTS_FILE).write_bytes(pickle_bytes(marker))
+    relist(src, WEIGHTS_FILE)
+    dest2 = tmp_path / "copy2"
+    dest2.mkdir()
+    with pytest.raises(WeightsError, match="Python pickle"):
+        copy_payload(src, dest2)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_MANIFESTS))
+def test_bad_manifests_are_refused_before_anything_is_written(bundle, tmp_path, kind):
+    path, _ = bundle
+    error, pattern = spoil_manifest(path, kind)
+    for check in (verify_bundle, read_bundle_manifest, check_publishable):
+        with pytest.raises(error, match=pattern):
+            check(path)
+    with pytest.raises(error, match=pattern):
+        restamp_bundle(path, tmp_path / "out" / "stamped", name="org/atlas", version=1)
+    assert snapshot(tmp_path / "out") == []
 
 
 def test_read_tensors_of_an_unlisted_file(bundle):

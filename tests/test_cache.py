@@ -4,7 +4,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_bundle import pickle_bytes, relist, snapshot
 
+import hubarches
 from hubarches.bundle import CARD_FILE, MANIFEST_FILE, WEIGHTS_FILE
 from hubarches.cache import (
     BUNDLES_DIR,
@@ -21,6 +23,7 @@ from hubarches.errors import (
     ReferenceStringError,
     RegistryOfflineError,
     VersionNotFound,
+    WeightsError,
 )
 from hubarches.registry import RefSpec, VersionInfo
 from hubarches.registry.local import LocalRegistry
@@ -238,3 +241,26 @@ def test_demo_atlases_are_pullable_through_the_default_registry(tmp_path, make_b
     pulled = pull("hubarches/demo")
     assert pulled.info == info
     assert pulled.manifest.name == "hubarches/demo"
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_planted_pickle_is_never_cached(published, isolated_env, tmp_path, remote):
+    """A version whose weights are a pickle relisted with its sha256, put there bypassing push."""
+    registry, (v1, _) = published
+    planted = registry.root / "org" / "atlas" / "3"
+    shutil.copytree(registry.version_path(v1), planted)
+    marker = tmp_path / "UNPICKLED"
+    (planted / WEIGHTS_FILE).write_bytes(pickle_bytes(marker))
+    relist(planted, WEIGHTS_FILE, version=3)
+    source = FakeRemote(registry) if remote else registry
+    before = snapshot(isolated_env.cache)
+    for ref in ("org/atlas@3", "org/atlas"):
+        with pytest.raises(WeightsError, match=f"{WEIGHTS_FILE} is not a safetensors file"):
+            pull(ref, source)
+        with pytest.raises(WeightsError, match="never unpickles"):
+            hubarches.load_reference(ref, source)
+    after = snapshot(isolated_env.cache)
+    assert [p for p in after if p not in before] == [TEMP_DIR]  # fetches went there, and went
+    assert list((isolated_env.cache / TEMP_DIR).iterdir()) == []
+    assert cached_versions("org/atlas", registry=source) == []
+    assert not marker.exists()

@@ -15,8 +15,10 @@ import pytest
 import torch
 from hubserver import HubServer, hub_server  # noqa: F401
 from huggingface_hub import CommitOperationAdd, HfApi
+from test_bundle import BAD_MANIFESTS, pickle_bytes, relist, snapshot, spoil_manifest
 
-from hubarches.bundle import verify_bundle, write_bundle
+import hubarches
+from hubarches.bundle import WEIGHTS_FILE, verify_bundle, write_bundle
 from hubarches.cache import cached_versions, pull
 from hubarches.errors import (
     IntegrityError,
@@ -26,6 +28,7 @@ from hubarches.errors import (
     RegistryOfflineError,
     VersionExistsError,
     VersionNotFound,
+    WeightsError,
 )
 from hubarches.manifest import MANIFEST_FILE, parse_manifest
 from hubarches.registry import Registry, VersionInfo, parse_ref
@@ -84,6 +87,21 @@ def manifest_at(hub: HubServer, revision: str, name: str = ATLAS):
     repo = hub.repo(name)
     entry = repo.resolve(revision).files[MANIFEST_FILE]
     return parse_manifest(hub.state.blobs[entry.key])
+
+
+def plant(hub: HubServer, bundle, version: int, name: str = ATLAS) -> None:
+    """Commit a bundle's files as they are and tag them ``v<version>``, bypassing hubarches."""
+    api = HfApi(endpoint=hub.endpoint, token=TOKEN)
+    if name not in hub.state.repos:
+        api.create_repo(name)
+    operations = [CommitOperationAdd(p.name, str(p)) for p in sorted(bundle.iterdir())]
+    commit = api.create_commit(name, operations, commit_message="planted outside hubarches")
+    api.create_tag(name, tag=f"v{version}", revision=commit.oid)
+
+
+def hub_snapshot(hub: HubServer) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
+    """Every repo's branches and tags: what a push that publishes nothing leaves unchanged."""
+    return {r.repo_id: (dict(r.branches), dict(r.tags)) for r in hub.state.repos.values()}
 
 
 def error_text(err: BaseException) -> str:
@@ -165,6 +183,66 @@ def test_tampered_bytes_served_by_the_hub_are_rejected(hub, pushed, tmp_path):
     with pytest.raises(IntegrityError, match=r"model\.safetensors"):
         pull(f"{ATLAS}@2", fresh)
     assert cached_versions(ATLAS, registry=fresh) == []
+
+
+# --- bundles that must never be published or cached ---------------------------------------
+
+
+def test_push_of_a_relisted_pickle_publishes_nothing(hub, registry, pushed, make_bundle, tmp_path):
+    src, _ = make_bundle(seed=7)
+    marker = tmp_path / "UNPICKLED"
+    (src / WEIGHTS_FILE).write_bytes(pickle_bytes(marker))
+    relist(src, WEIGHTS_FILE)
+    before, n_requests = hub_snapshot(hub), len(hub.requests)
+    for name in (ATLAS, "org/fresh"):  # an atlas with versions, and one a push would create
+        with pytest.raises(WeightsError, match=f"{WEIGHTS_FILE} is not a safetensors file"):
+            registry.publish(src, name)
+        with pytest.raises(WeightsError, match="never unpickles"):
+            hubarches.push(src, name, registry=registry)
+    assert hub_snapshot(hub) == before  # no repo created, no commit, no tag
+    assert hub.requests[n_requests:] == []  # refused before the Hub was contacted
+    assert not marker.exists()
+
+
+def test_a_pickle_served_by_the_hub_is_never_cached(
+    hub, registry, pushed, make_bundle, tmp_path, isolated_env
+):
+    src, _ = make_bundle(seed=7)
+    marker = tmp_path / "UNPICKLED"
+    (src / WEIGHTS_FILE).write_bytes(pickle_bytes(marker))
+    relist(src, WEIGHTS_FILE, name=ATLAS, version=3)
+    plant(hub, src, 3)
+    before = snapshot(isolated_env.cache)
+    for ref in (f"{ATLAS}@3", ATLAS):
+        with pytest.raises(WeightsError, match=f"{WEIGHTS_FILE} is not a safetensors file"):
+            pull(ref, registry)
+        with pytest.raises(WeightsError, match="never unpickles"):
+            hubarches.load_reference(ref, registry)
+    assert [p for p in snapshot(isolated_env.cache) if p not in before] == ["tmp"]
+    assert list((isolated_env.cache / "tmp").iterdir()) == []
+    assert cached_versions(ATLAS, registry=registry) == []
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_MANIFESTS))
+def test_bad_manifests_are_never_pushed_or_pulled(
+    hub, registry, pushed, make_bundle, isolated_env, kind
+):
+    src, _ = make_bundle(seed=7)
+    error, pattern = spoil_manifest(src, kind)
+    before, cache_before = hub_snapshot(hub), snapshot(isolated_env.cache)
+    for name in (ATLAS, "org/fresh"):
+        with pytest.raises(error, match=pattern):
+            registry.publish(src, name)
+        with pytest.raises(error, match=pattern):
+            hubarches.push(src, name, registry=registry)
+    assert hub_snapshot(hub) == before
+    # The same manifest committed and tagged outside hubarches is never pulled.
+    plant(hub, src, 3)
+    for ref in (f"{ATLAS}@3", ATLAS):
+        with pytest.raises(error, match=pattern):
+            pull(ref, registry)
+    assert snapshot(isolated_env.cache) == cache_before
 
 
 # --- access ---------------------------------------------------------------------------------
@@ -315,6 +393,34 @@ def test_offline_pulls_cached_versions_and_refuses_latest(hub, registry, pushed,
         pull(f"{ATLAS}@2", offline)  # never pulled
     # The cache's own offline switch works with the same registry too.
     assert pull(f"{ATLAS}@1", registry, offline=True).info == v1
+
+
+def test_hf_hub_offline_is_honoured_while_the_server_is_up(
+    hub, registry, pushed, make_bundle, monkeypatch
+):
+    """The server could answer: only HF_HUB_OFFLINE keeps every request from reaching it."""
+    v1, v2 = pushed
+    bundle = make_bundle(seed=9)[0]
+    pull(f"{ATLAS}@1", registry)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.requests.clear()
+    for offline in (HubRegistry(hub.endpoint, TOKEN), get_registry(f"hf://{hub.endpoint}")):
+        assert offline.offline
+        assert pull(f"{ATLAS}@1", offline).info == v1
+        assert pull(f"{ATLAS}@sha256:{v1.digest}", offline).info == v1
+        assert offline.list_versions(ATLAS) == [v1]
+        with pytest.raises(RegistryOfflineError, match="cannot resolve the latest") as exc:
+            pull(ATLAS, offline)
+        assert exc.value.cached == [1]
+        assert "Cached versions: 1" in str(exc.value)
+        with pytest.raises(RegistryOfflineError, match="not in the cache"):
+            pull(f"{ATLAS}@2", offline)
+        with pytest.raises(PushError, match="offline"):
+            offline.publish(bundle, ATLAS)
+    assert hub.requests == []
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert pull(ATLAS, HubRegistry(hub.endpoint, TOKEN)).info == v2  # it was up all along
+    assert hub.requests
 
 
 def test_an_unreachable_endpoint_still_serves_pinned_cached_versions(hub, registry, pushed):

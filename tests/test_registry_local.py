@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,9 +10,18 @@ import types
 from pathlib import Path
 
 import pytest
+from test_bundle import BAD_MANIFESTS, pickle_bytes, relist, snapshot, spoil_manifest
 
 import hubarches
-from hubarches.bundle import CARD_FILE, MANIFEST_FILE, WEIGHTS_FILE, make_temp_dir, verify_bundle
+from hubarches.bundle import (
+    CARD_FILE,
+    EMBEDDING_FILE,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    make_temp_dir,
+    verify_bundle,
+)
+from hubarches.cache import pull
 from hubarches.errors import (
     IntegrityError,
     PushError,
@@ -19,6 +29,7 @@ from hubarches.errors import (
     ReferenceStringError,
     VersionExistsError,
     VersionNotFound,
+    WeightsError,
 )
 from hubarches.registry import Registry, VersionInfo, parse_ref
 from hubarches.registry.local import TEMP_DIR, LocalRegistry
@@ -374,3 +385,70 @@ def test_push_killed_midway_leaves_no_version(registry, make_bundle, tmp_path):
     assert second.version == 2
     verify_bundle(registry.version_path(second), expected_digest=second.digest)
     assert not leftovers[0].exists()  # its writer is dead: cleaned up by the next push
+
+
+# --- bundles that must never be published or cached -------------------------------------------
+
+
+def _relisted_pickle(src: Path, marker: Path, filename: str = WEIGHTS_FILE) -> None:
+    """Put a live pickle where a safetensors file belongs, and relist it (right sha256)."""
+    (src / filename).write_bytes(pickle_bytes(marker))
+    relist(src, filename)
+
+
+@pytest.mark.parametrize("filename", [WEIGHTS_FILE, EMBEDDING_FILE])
+def test_push_of_a_relisted_pickle_writes_nothing(registry, make_bundle, tmp_path, filename):
+    src, _ = make_bundle()
+    if filename == EMBEDDING_FILE:  # add an embedding file to the bundle first
+        (src / EMBEDDING_FILE).write_bytes((src / WEIGHTS_FILE).read_bytes())
+        relist(src, EMBEDDING_FILE)
+    marker = tmp_path / "UNPICKLED"
+    _relisted_pickle(src, marker, filename)
+    with pytest.raises(WeightsError, match=f"{filename} is not a safetensors file"):
+        registry.publish(src, "org/atlas")
+    with pytest.raises(WeightsError, match="never unpickles"):
+        hubarches.push(src, "org/atlas", registry=registry)
+    assert snapshot(registry.root) == []  # no version, no temp dir, not even the root
+    other = make_bundle(seed=1)[0]
+    registry.publish(other, "org/atlas")
+    before = snapshot(registry.root)
+    with pytest.raises(WeightsError):
+        registry.publish(src, "org/atlas")
+    assert snapshot(registry.root) == before
+    assert [i.version for i in registry.list_versions("org/atlas")] == [1]
+    assert not marker.exists()
+
+
+def test_push_refuses_weights_that_do_not_fit_the_manifest(registry, make_bundle):
+    """hubarches.push loads the weights strictly into the architecture the manifest gives."""
+    src, _ = make_bundle()  # safetensors, but of made-up tensors
+    with pytest.raises(WeightsError, match="do not match the architecture") as info:
+        hubarches.push(src, "org/atlas", registry=registry)
+    assert "encoder.weight" in info.value.unexpected
+    assert snapshot(registry.root) == []
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_MANIFESTS))
+def test_bad_manifests_are_never_pushed_pulled_or_loaded(registry, make_bundle, isolated_env, kind):
+    src, _ = make_bundle()
+    good = registry.publish(src, "org/atlas")
+    error, pattern = spoil_manifest(src, kind)
+    before = snapshot(registry.root), snapshot(isolated_env.cache)
+    with pytest.raises(error, match=pattern):
+        registry.publish(src, "org/atlas")
+    with pytest.raises(error, match=pattern):
+        hubarches.push(src, "org/atlas", registry=registry)
+    with pytest.raises(error, match=pattern):
+        hubarches.load_reference(src)
+    assert (snapshot(registry.root), snapshot(isolated_env.cache)) == before
+    # The same manifest planted into the registry, bypassing push, is never pulled.
+    planted = registry.root / "org" / "planted" / "1"
+    shutil.copytree(registry.version_path(good), planted)
+    spoil_manifest(planted, kind)
+    before = snapshot(registry.root), snapshot(isolated_env.cache)
+    for ref in ("org/planted", "org/planted@1"):
+        with pytest.raises(error, match=pattern):
+            pull(ref, registry)
+        with pytest.raises(error, match=pattern):
+            hubarches.load_reference(ref, registry)
+    assert (snapshot(registry.root), snapshot(isolated_env.cache)) == before

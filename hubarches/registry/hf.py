@@ -46,7 +46,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile
 
 from hubarches._version import __version__
-from hubarches.bundle import restamp_bundle
+from hubarches.bundle import check_tensor_files, restamp_bundle, verify_bundle
 from hubarches.errors import (
     HubarchesError,
     ManifestError,
@@ -238,8 +238,10 @@ class HubRegistry:
     def publish(self, bundle_dir: Path, name: str, *, version: int | None = None) -> VersionInfo:
         """Publish a bundle as the next version (or as ``version``, if free).
 
-        Commits on the head it read, then tags ``vN``; a lost race starts over with the next
-        number. VersionExistsError when ``version`` is taken, PushError on other failures.
+        The bundle is verified (sha256, manifest, safetensors headers) before the Hub is
+        contacted; commits on the head it read, then tags ``vN``; a lost race starts over with
+        the next number. VersionExistsError when ``version`` is taken, BundleError subclasses
+        for a bad bundle, PushError on other failures.
         """
         validate_name(name)
         if self._offline:
@@ -247,6 +249,9 @@ class HubRegistry:
                 f"cannot publish {name} while offline",
                 hint="Unset HF_HUB_OFFLINE to push to the Hub",
             )
+        # Verified in full before the Hub is touched: even creating the repo is a write.
+        # Each attempt re-verifies the copy it stages, so a later change is caught too.
+        check_tensor_files(Path(bundle_dir), verify_bundle(Path(bundle_dir)))
         try:  # create only when missing: the client's exist_ok path fails on other endpoints
             if not self._api.repo_exists(name):
                 self._api.create_repo(name, exist_ok=True, private=self._private)

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from hubarches.bundle import (
+    check_publishable,
     clean_stale_temp_dirs,
     copy_payload,
     finish_bundle,
@@ -180,9 +181,11 @@ class LocalRegistry:
     def publish(self, bundle_dir: Path, name: str, *, version: int | None = None) -> VersionInfo:
         """Publish a bundle as the next version of ``name`` (or as ``version``, if free).
 
-        The bundle is verified while it is copied; the version is stamped into the
-        manifest and card; the version directory appears atomically. Raises
-        VersionExistsError when ``version`` is taken, PushError when read-only.
+        A bundle whose manifest or safetensors files are unusable is refused before anything
+        is written; the bundle is verified while it is copied, and the copy checked again;
+        the version is stamped into the manifest and card; the version directory appears
+        atomically. Raises VersionExistsError when ``version`` is taken, PushError when
+        read-only, BundleError subclasses for a bad bundle.
         """
         if self.read_only:
             raise PushError(
@@ -190,6 +193,7 @@ class LocalRegistry:
                 hint="Push to your own registry: pass --registry PATH or set HUBARCHES_REGISTRY",
             )
         validate_name(name)
+        check_publishable(Path(bundle_dir))  # a bad bundle is refused before anything is written
         if version is not None and version in self._numbers(name):
             raise VersionExistsError(name, version)
         temp_root = self.root / TEMP_DIR
