@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -33,7 +33,9 @@ from hubarches.errors import warn
 __all__ = [
     "COMPILE_ENV",
     "COMPILE_MIN_STEPS",
-    "SoftmaxCountNLL",
+    "GeneLogGamma",
+    "HeadsCountNLL",
+    "batch_log_gamma",
     "compile_wanted",
     "compiled",
     "count_nll",
@@ -163,43 +165,68 @@ def _run_core(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
     return elementwise_core(*args, **kwargs)
 
 
-class SoftmaxCountNLL(torch.autograd.Function):
-    """Autograd wrapper: the core runs in forward; backward only scales its gradients."""
+class HeadsCountNLL(torch.autograd.Function):
+    """The decoder's gene-wide heads and the likelihood as one autograd node.
+
+    Forward: the heads' products ``a = h W_aᵀ + b_a`` (and the dropout logits ``p``), then
+    the core, which also yields ``∂/∂a`` and ``∂/∂p``. Backward multiplies those by the
+    frozen or trainable head weights; the per-cell weights of the incoming gradient are
+    applied to the ``cells × hidden`` side of each product, never to ``cells × genes``
+    arrays, and no weight gradient is formed for frozen heads (query training).
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
-        a: torch.Tensor,
-        p: torch.Tensor | None,
+        h: torch.Tensor,
+        w_a: torch.Tensor,
+        b_a: torch.Tensor,
+        w_p: torch.Tensor | None,
+        b_p: torch.Tensor | None,
         log_theta: torch.Tensor | None,
         x: torch.Tensor,
         log_library: torch.Tensor,
         zinb: bool,
     ) -> torch.Tensor:
         """Per-cell NLL (without the log-gamma terms)."""
-        want_theta = log_theta is not None and ctx.needs_input_grad[2]
+        a = torch.addmm(b_a, h, w_a.t())
+        p = None if w_p is None or b_p is None else torch.addmm(b_p, h, w_p.t())
+        want_theta = log_theta is not None and ctx.needs_input_grad[5]
         theta = None if log_theta is None else torch.exp(log_theta)
         nll, grad_a, grad_p, grad_lt = _run_core(
             a, p, x, log_library, theta, log_theta, zinb=zinb, want_theta=want_theta
         )
-        ctx.save_for_backward(grad_a, grad_p, grad_lt)
-        ctx.theta_shape = None if log_theta is None else log_theta.shape
+        ctx.save_for_backward(h, w_a, w_p, grad_a, grad_p, grad_lt)
+        ctx.theta_per_gene = log_theta is not None and log_theta.dim() == 1
         return nll
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_nll: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        """Scale the saved per-cell gradients by the incoming per-cell weights."""
-        grad_a, grad_p, grad_lt = ctx.saved_tensors
+        """Gradients of ``Σ grad_nll · nll`` for whichever inputs need them."""
+        h, w_a, w_p, grad_a, grad_p, grad_lt = ctx.saved_tensors
+        need = ctx.needs_input_grad
         scale = grad_nll.unsqueeze(1)
-        out_p = None if grad_p is None else grad_p * scale
-        out_lt = None
+        out: list[torch.Tensor | None] = [None] * 9
+        if need[0]:
+            g_h = grad_a @ w_a
+            if grad_p is not None:
+                g_h = torch.addmm(g_h, grad_p, w_p)
+            out[0] = g_h * scale
+        if need[1] or need[3]:
+            h_scaled = h * scale
+            if need[1]:
+                out[1] = grad_a.t() @ h_scaled
+            if need[3] and grad_p is not None:
+                out[3] = grad_p.t() @ h_scaled
+        if need[2]:
+            out[2] = grad_a.t() @ grad_nll
+        if need[4] and grad_p is not None:
+            out[4] = grad_p.t() @ grad_nll
         if grad_lt is not None:
-            out_lt = grad_lt * scale
-            if len(ctx.theta_shape) == 1:
-                out_lt = out_lt.sum(dim=0)
-        return grad_a * scale, out_p, out_lt, None, None, None
+            out[5] = grad_lt.t() @ grad_nll if ctx.theta_per_gene else grad_lt * scale
+        return tuple(out)
 
 
 SMALL_COUNT = 16
@@ -235,6 +262,27 @@ def _theta_log_gamma(
     return terms
 
 
+class GeneLogGamma(torch.autograd.Function):
+    """``Σ_g log Γ(x+θ_g) − log Γ(θ_g)`` per cell from dense counts, in C (:mod:`.native`)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, theta: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-cell sums over the nonzero counts."""
+        out, deriv = native.log_gamma_terms(theta, x, want_derivative=ctx.needs_input_grad[0])
+        ctx.save_for_backward(deriv)
+        return out
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None]:
+        """``∂/∂θ_g = Σ_cells grad · (ψ(x+θ_g) − ψ(θ_g))``."""
+        (deriv,) = ctx.saved_tensors
+        return (None if deriv is None else deriv.t() @ grad_out), None
+
+
 def log_factorial(rows: torch.Tensor, values: torch.Tensor, n_cells: int) -> torch.Tensor:
     """``Σ_g log Γ(x_g + 1)`` per cell: a constant of the data, computed once per data set."""
     out = torch.zeros(n_cells, dtype=values.dtype, device=values.device)
@@ -265,14 +313,39 @@ def nonzero_log_gamma(
     return out.index_add(0, nz_rows, terms) - factorial
 
 
+def batch_log_gamma(
+    theta: torch.Tensor | None,
+    x: torch.Tensor,
+    *,
+    nonzero: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    factorial: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`nonzero_log_gamma` of a dense minibatch ``x``.
+
+    With θ per gene and ``factorial`` known, the C code reads ``x`` directly; otherwise the
+    terms are evaluated on the nonzero coordinates, which ``nonzero()`` supplies only then.
+    """
+    if theta is not None and factorial is not None and native.supports_log_gamma(theta, x):
+        return GeneLogGamma.apply(theta, x) - factorial
+    return nonzero_log_gamma(theta, *nonzero(), n_cells=x.shape[0], factorial=factorial)
+
+
 def count_nll(
-    a: torch.Tensor,
-    p: torch.Tensor | None,
+    h: torch.Tensor,
+    scale_head: torch.nn.Linear,
+    dropout_head: torch.nn.Linear | None,
     log_theta: torch.Tensor | None,
     x: torch.Tensor,
     log_library: torch.Tensor,
     *,
     zinb: bool,
 ) -> torch.Tensor:
-    """Per-cell NLL without the log-gamma terms, differentiable in ``a``, ``p``, ``log θ``."""
-    return SoftmaxCountNLL.apply(a, p, log_theta, x, log_library, zinb)
+    """Per-cell NLL without the log-gamma terms, from the decoder's last hidden layer ``h``.
+
+    Differentiable in ``h``, both heads' weights and biases, and ``log θ``.
+    """
+    w_p = None if dropout_head is None else dropout_head.weight
+    b_p = None if dropout_head is None else dropout_head.bias
+    return HeadsCountNLL.apply(
+        h, scale_head.weight, scale_head.bias, w_p, b_p, log_theta, x, log_library, zinb
+    )

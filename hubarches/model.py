@@ -11,7 +11,7 @@ Loss per cell: ``−log p(x | z, s) + β·KL(q(z | x, s) ‖ N(0, I))``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 
 from hubarches.config import ModelConfig
 from hubarches.errors import ModelError, WeightsError
-from hubarches.fastlik import count_nll, nonzero_log_gamma
+from hubarches.fastlik import batch_log_gamma, count_nll
 from hubarches.likelihoods import log_nb, log_poisson, log_zinb
 from hubarches.nn import MLP, CovariateWeight
 
@@ -39,6 +39,26 @@ class LossTerms:
     def total(self, kl_weight: float) -> torch.Tensor:
         """Mean over cells of ``reconstruction + kl_weight · kl``."""
         return (self.reconstruction + kl_weight * self.kl).mean()
+
+
+Coordinates = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""``(rows, cols, values)`` of a minibatch's nonzero counts."""
+
+
+def _coordinates(
+    x: torch.Tensor, given: Coordinates | Callable[[], Coordinates] | None
+) -> Callable[[], Coordinates]:
+    """A function giving the nonzero coordinates of ``x``: those given, or found from ``x``."""
+    if callable(given):
+        return given
+    if given is not None:
+        return lambda: given
+
+    def find() -> Coordinates:
+        rows, cols = torch.nonzero(x, as_tuple=True)
+        return rows, cols, x[rows, cols]
+
+    return find
 
 
 class Encoder(nn.Module):
@@ -211,33 +231,39 @@ class CVAE(nn.Module):
         first_expression: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         log_gamma: torch.Tensor | None = None,
-        nonzero: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        nonzero: Coordinates | Callable[[], Coordinates] | None = None,
         factorial: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
     ) -> LossTerms:
         """Per-cell reconstruction loss and KL divergence of a minibatch of counts.
 
         The likelihood runs through :mod:`hubarches.fastlik`. Its log-gamma terms live on
-        the nonzero counts: pass them as ``nonzero = (rows, cols, values)`` (found from
-        ``x`` otherwise), with the per-cell data constant ``factorial`` (Σ log Γ(x+1))
-        if it was computed beforehand; or, when the dispersion is frozen, as the per-cell
-        constant ``log_gamma`` computed once. Equal, to float rounding, to :meth:`plain_loss`.
+        the nonzero counts: pass them as ``nonzero = (rows, cols, values)``, or a function
+        that gives them when needed (found from ``x`` otherwise), with the per-cell data
+        constant ``factorial`` (Σ log Γ(x+1)) if it was computed beforehand; or, when the
+        dispersion is frozen, as the per-cell constant ``log_gamma`` computed once. Equal,
+        to float rounding, to :meth:`plain_loss`.
         """
         if noise is None:
             noise = self.draw_noise(x.shape[0], generator=generator, like=x)
         z, kl = self.sample_z(x, codes, first_expression=first_expression, noise=noise)
         log_library = torch.log(x.sum(-1))
-        logits, pi = self.decoder(z, codes)
         log_theta = self.log_dispersion(codes)
+        decoder = self.decoder
         nll = count_nll(
-            logits, pi, log_theta, x, log_library, zinb=self.config.likelihood == "zinb"
+            decoder.mlp(z, codes),
+            decoder.scale,
+            decoder.dropout_logits,
+            log_theta,
+            x,
+            log_library,
+            zinb=self.config.likelihood == "zinb",
         )
         if log_gamma is None:
-            if nonzero is None:
-                rows, cols = torch.nonzero(x, as_tuple=True)
-                nonzero = (rows, cols, x[rows, cols])
             theta = None if log_theta is None else torch.exp(log_theta)
-            log_gamma = nonzero_log_gamma(theta, *nonzero, n_cells=x.shape[0], factorial=factorial)
+            log_gamma = batch_log_gamma(
+                theta, x, nonzero=_coordinates(x, nonzero), factorial=factorial
+            )
         return LossTerms(reconstruction=nll - log_gamma, kl=kl)
 
     def plain_loss(

@@ -267,7 +267,7 @@ def train_reference(
             batch.x,
             codes_t[rows].to(device),
             generator=generator,
-            nonzero=batch.nonzero,
+            nonzero=lambda: batch.nonzero,  # built only where the C code cannot read x
             factorial=factorial[index],
         )
 
@@ -383,7 +383,7 @@ def train_query(
             first_expression=first_expression[index],
             generator=generator,
             log_gamma=None if log_gamma is None else log_gamma[index],
-            nonzero=batch.nonzero,
+            nonzero=lambda: batch.nonzero,
         )
 
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):

@@ -194,3 +194,55 @@ def test_loss_gradients_agree_with_and_without_the_c_core(
     with_c, without = results
     for name, grad in without.items():
         torch.testing.assert_close(with_c[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@needs_c
+def test_c_log_gamma_equals_the_nonzero_terms_with_gradients() -> None:
+    """Dense counts through the C tables equal lgamma on the nonzeros, θ-gradient included."""
+    gen = torch.Generator().manual_seed(5)
+    b, g = 23, 57
+    x = torch.poisson(torch.rand(b, g, generator=gen) ** 3 * 40, generator=gen)
+    x[0, :3] = torch.tensor([2_000.0, 17.0, 16.0])  # beyond the table, and its edge
+    x[1, :2] = torch.tensor([2.5, 0.25])  # non-integer counts take lgamma too
+    x[2] = 0.0
+    theta = (torch.rand(g, generator=gen) * 8 + 0.01).requires_grad_()
+    weights = torch.rand(b, generator=gen)
+    rows, cols = torch.nonzero(x, as_tuple=True)
+    factorial = fastlik.log_factorial(rows, x[rows, cols], b)
+    fast = fastlik.batch_log_gamma(
+        theta, x, nonzero=lambda: pytest.fail("coordinates not needed"), factorial=factorial
+    )
+    (g_fast,) = torch.autograd.grad((fast * weights).sum(), theta)
+    th = theta.double()[cols]
+    v = x[rows, cols].double()
+    terms = torch.lgamma(v + th) - torch.lgamma(th) - torch.lgamma(v + 1)
+    plain = torch.zeros(b, dtype=torch.float64).index_add(0, rows, terms)
+    (g_plain,) = torch.autograd.grad((plain * weights.double()).sum(), theta)
+    torch.testing.assert_close(fast.double(), plain, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(g_fast, g_plain, rtol=1e-5, atol=1e-4)
+    assert fast[2] == -0.0 or fast[2] == 0.0
+
+
+def test_batch_log_gamma_without_the_c_code_uses_the_coordinates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    x = torch.tensor([[0.0, 3.0], [1.0, 0.0]])
+    theta = torch.tensor([2.0, 0.5])
+    rows, cols = torch.nonzero(x, as_tuple=True)
+    asked = []
+
+    def coordinates():
+        asked.append(True)
+        return rows, cols, x[rows, cols]
+
+    out = fastlik.batch_log_gamma(theta, x, nonzero=coordinates, factorial=None)
+    assert asked
+    expected = torch.tensor(
+        [
+            float(torch.lgamma(torch.tensor(3.5)) - torch.lgamma(torch.tensor(0.5)))
+            - float(torch.lgamma(torch.tensor(4.0))),
+            float(torch.lgamma(torch.tensor(3.0)) - torch.lgamma(torch.tensor(2.0))),
+        ]
+    )
+    torch.testing.assert_close(out, expected)
