@@ -3,11 +3,15 @@ from __future__ import annotations
 import json
 import warnings
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from hubarches.batching import embed_matrix
+from hubarches.config import ModelConfig
+from hubarches.data import prepare_query
 from hubarches.errors import GeneAlignmentError, HubarchesWarning
 from hubarches.genes import (
     MIN_SHARED_FRACTION,
@@ -16,6 +20,9 @@ from hubarches.genes import (
     gene_id_type,
     query_gene_names,
 )
+from hubarches.manifest import Manifest
+from hubarches.model import build_model
+from hubarches.reference import Reference
 
 REFERENCE = [f"GENE{i}" for i in range(20)]
 
@@ -59,6 +66,40 @@ def test_permutation_invariance():
     np.testing.assert_array_equal(shuffled.toarray(), ordered.toarray())
     assert shuffled.has_sorted_indices
     np.testing.assert_array_equal(shuffled.indices, ordered.indices)
+
+
+def _query_adata(x, genes):
+    obs = pd.DataFrame(
+        {"batch": pd.Categorical(["b0", "b1"] * (len(x) // 2))},
+        index=[f"cell{i}" for i in range(len(x))],
+    )
+    return ad.AnnData(X=sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=genes))
+
+
+def test_permutation_invariance_of_the_prepared_query_and_its_embedding():
+    x = counts(12, 20, seed=3) * 3
+    order = np.random.default_rng(4).permutation(20)
+    ordered = _query_adata(x, REFERENCE)
+    shuffled = _query_adata(x[:, order], [REFERENCE[i] for i in order])
+    covariates = [("batch", ("b0", "b1"))]
+    prepared = [
+        prepare_query(a, genes=REFERENCE, covariates=covariates, batch_key="batch")
+        for a in (ordered, shuffled)
+    ]
+    for part in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(prepared[1].X, part), getattr(prepared[0].X, part))
+    np.testing.assert_array_equal(prepared[1].covariates.codes, prepared[0].covariates.codes)
+    config = ModelConfig(n_genes=20, covariate_sizes=(2,), n_hidden=16, n_latent=4)
+    manifest = Manifest.from_model_config(config, genes=REFERENCE, covariates=dict(covariates))
+    reference = Reference(manifest=manifest, model=build_model(config, seed=0))
+    expected = reference.embed(ordered)
+    np.testing.assert_array_equal(reference.embed(shuffled), expected)
+    np.testing.assert_array_equal(
+        embed_matrix(reference.model, prepared[1].counts, prepared[1].covariates.codes), expected
+    )
+    # The model does read the genes: the same counts under the wrong names embed elsewhere.
+    mislabelled = _query_adata(x[:, order], REFERENCE)
+    assert not np.allclose(reference.embed(mislabelled), expected)
 
 
 def test_missing_genes_are_zero_and_extra_genes_dropped():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+from torch import nn
 
 from hubarches.batching import CountMatrix, embed_matrix
 from hubarches.config import ModelConfig
@@ -67,6 +68,20 @@ def test_loss_is_finite_and_differentiable(likelihood: str, dispersion: str, nor
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_default_config_follows_the_scarches_recommendations() -> None:
+    """Covariates into the encoder, layer norm and no batch norm, scvi-tools' sizes, ZINB."""
+    cfg = ModelConfig(n_genes=10, covariate_sizes=(2,))
+    assert cfg.encode_covariates is True
+    assert cfg.encoder_norm == "layer"
+    assert cfg.decoder_norm == "layer"
+    assert (cfg.n_latent, cfg.n_hidden, cfg.n_layers) == (10, 128, 1)
+    assert cfg.likelihood == "zinb"
+    assert cfg.covariate_injection == "all"
+    model = CVAE(cfg)
+    norms = [type(m) for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.BatchNorm1d))]
+    assert norms == [nn.LayerNorm, nn.LayerNorm]  # one hidden layer each in encoder, decoder
 
 
 def test_covariates_reach_the_encoder_by_default() -> None:
@@ -209,12 +224,21 @@ def test_fused_loss_equals_plain_loss_and_gradients(likelihood: str, dispersion:
         torch.testing.assert_close(g_fused[name], grad, rtol=1e-6, atol=1e-8, msg=name)
 
 
-def test_query_step_with_cached_terms_equals_plain_loss() -> None:
+@pytest.mark.parametrize(("n_layers", "injection"), [(1, "all"), (2, "first"), (3, "all")])
+def test_query_step_with_cached_terms_equals_plain_loss(n_layers: int, injection: str) -> None:
     """Query training's shortcuts (cached first layer, per-cell log-gamma) change nothing."""
     from hubarches.surgery import grow
     from hubarches.train import first_layer_expression, frozen_log_gamma
 
-    cfg = ModelConfig(n_genes=30, covariate_sizes=(2,), n_hidden=16, n_latent=4, dropout=0.0)
+    cfg = ModelConfig(
+        n_genes=30,
+        covariate_sizes=(2,),
+        n_hidden=16,
+        n_latent=4,
+        dropout=0.0,
+        n_layers=n_layers,
+        covariate_injection=injection,  # type: ignore[arg-type]
+    )
     ref = build_model(cfg, seed=0).double()
     ref.trained.fill_(True)
     ext = grow(ref, (2,)).double()

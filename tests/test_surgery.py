@@ -65,7 +65,15 @@ def _scenario(
 
 SCENARIOS = {
     "first-layer injection": lambda: _scenario((3,), [[3], [4]], (2,), covariate_injection="first"),
+    # Deeper layers without covariates: the first block grows, the ones after it do not.
+    "first-layer injection, 2 hidden": lambda: _scenario(
+        (3,), [[3], [4]], (2,), covariate_injection="first", n_layers=2
+    ),
+    "first-layer injection, 3 hidden, two covariates": lambda: _scenario(
+        (3, 2), [[3, 2], [4, 0]], (2, 1), covariate_injection="first", n_layers=3
+    ),
     "all layers, 2 hidden": lambda: _scenario((3,), [[3], [4]], (2,), n_layers=2),
+    "all layers, 3 hidden": lambda: _scenario((3,), [[3], [4], [0]], (2,), n_layers=3),
     "two covariates, both new": lambda: _scenario(
         (3, 2), [[3, 2], [4, 3], [3, 3]], (2, 2), n_layers=2
     ),
@@ -77,6 +85,13 @@ SCENARIOS = {
     "gene-batch dispersion": lambda: _scenario((3,), [[3], [4]], (2,), dispersion="gene-batch"),
     "batch norm, nb": lambda: _scenario(
         (3,), [[3], [4]], (2,), encoder_norm="batch", decoder_norm="batch", likelihood="nb"
+    ),
+    # Encoder and decoder normalised differently: each keeps its own frozen statistics.
+    "batch-norm encoder, layer-norm decoder": lambda: _scenario(
+        (3,), [[3], [4]], (2,), n_layers=2, encoder_norm="batch", decoder_norm="layer"
+    ),
+    "no-norm encoder, batch-norm decoder": lambda: _scenario(
+        (3,), [[3], [4]], (2,), n_layers=2, encoder_norm="none", decoder_norm="batch"
     ),
 }
 
