@@ -10,7 +10,6 @@
  * compiler at install time hubarches uses the PyTorch version.
  */
 #define PY_SSIZE_T_CLEAN
-#define _DEFAULT_SOURCE /* lgamma_r */
 #include <Python.h>
 
 #include <math.h>
@@ -164,106 +163,6 @@ static int run_core(const Core *c, int n_threads) {
     return failed;
 }
 
-/* --- log Γ(x+θ) − log Γ(θ) over a cell's nonzero counts, θ per gene ----------------------
- *
- * Counts up to SMALL_COUNT read Σ_{j<x} log(θ+j) and Σ_{j<x} 1/(θ+j) (= ψ(x+θ) − ψ(θ), the
- * derivative in θ) from per-gene tables built once per call; larger or non-integer counts
- * add the remainder from lgamma and digamma in double precision. */
-#define SMALL_COUNT 16
-#define TABLE_WIDTH (SMALL_COUNT + 1)
-
-/* ψ(y) for y > 0: the recurrence up to y ≥ 6, then the asymptotic series (error < 1e-11). */
-static double digamma(double y) {
-    double acc = 0.0;
-    while (y < 6.0) {
-        acc -= 1.0 / y;
-        y += 1.0;
-    }
-    const double r = 1.0 / y, r2 = r * r;
-    return acc + log(y) - 0.5 * r -
-           r2 * (1.0 / 12 - r2 * (1.0 / 120 - r2 * (1.0 / 252 - r2 * (1.0 / 240 - r2 / 132))));
-}
-
-static double log_gamma_pos(double y) {
-#if defined(__GLIBC__)
-    int sign;
-    return lgamma_r(y, &sign);
-#else
-    return lgamma(y); /* y > 0: the sign is +, whatever the global signgam says */
-#endif
-}
-
-typedef struct {
-    Py_ssize_t n_cells, n_genes;
-    const float *x, *theta;
-    float *log_table, *inv_table; /* n_genes × TABLE_WIDTH each */
-    float *out, *deriv;           /* per cell; per cell and gene (or NULL) */
-} LogGamma;
-
-HA_CLONES
-static void log_gamma_row(const LogGamma *c, Py_ssize_t i) {
-    const Py_ssize_t G = c->n_genes;
-    const float *restrict x = c->x + i * G;
-    const float *restrict lt = c->log_table, *restrict it = c->inv_table;
-    float *restrict d = c->deriv ? c->deriv + i * G : NULL;
-    float sum = 0.0f;
-    int off = 0;
-#pragma omp simd reduction(+ : sum) reduction(| : off)
-    for (Py_ssize_t g = 0; g < G; g++) {
-        const float xg = x[g];
-        const float cl = xg < (float)SMALL_COUNT ? xg : (float)SMALL_COUNT;
-        const int k = xg > 0.0f ? (int)(cl + 0.5f) : 0;
-        off |= xg != (float)k;
-        sum += lt[g * TABLE_WIDTH + k];
-        if (d) d[g] = it[g * TABLE_WIDTH + k];
-    }
-    if (off) {
-        double extra = 0.0;
-        for (Py_ssize_t g = 0; g < G; g++) {
-            const float xg = x[g];
-            const float cl = xg < (float)SMALL_COUNT ? xg : (float)SMALL_COUNT;
-            const int k = xg > 0.0f ? (int)(cl + 0.5f) : 0;
-            if (xg == (float)k) continue;
-            const double th = c->theta[g];
-            extra += log_gamma_pos(xg + th) - log_gamma_pos(k + th);
-            if (d) d[g] += (float)(digamma(xg + th) - digamma(k + th));
-        }
-        sum += (float)extra;
-    }
-    c->out[i] = sum;
-}
-
-static void build_tables(const LogGamma *c, Py_ssize_t g0, Py_ssize_t g1) {
-    for (Py_ssize_t g = g0; g < g1; g++) {
-        const float th = c->theta[g];
-        float *lt = c->log_table + g * TABLE_WIDTH, *it = c->inv_table + g * TABLE_WIDTH;
-        double l = 0.0, v = 0.0;
-        lt[0] = it[0] = 0.0f;
-        for (int j = 0; j < SMALL_COUNT; j++) {
-            l += log((double)th + j);
-            v += 1.0 / ((double)th + j);
-            lt[j + 1] = (float)l;
-            it[j + 1] = (float)v;
-        }
-    }
-}
-
-static void run_log_gamma(const LogGamma *c, int n_threads) {
-    if (n_threads < 1) n_threads = 1;
-#pragma omp parallel num_threads(n_threads)
-    {
-#ifdef _OPENMP
-        const Py_ssize_t t = omp_get_thread_num(), n = omp_get_num_threads();
-#else
-        const Py_ssize_t t = 0, n = 1;
-#endif
-        build_tables(c, c->n_genes * t / n, c->n_genes * (t + 1) / n);
-#pragma omp barrier
-#pragma omp for schedule(static)
-        for (Py_ssize_t i = 0; i < c->n_cells; i++) log_gamma_row(c, i);
-    }
-}
-
 static void *as_pointer(Py_ssize_t address) { return (void *)(uintptr_t)address; }
 
 PyDoc_STRVAR(core_doc,
@@ -304,36 +203,7 @@ static PyObject *core(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(log_gamma_doc,
-             "log_gamma(n_cells, n_genes, x, theta, log_table, inv_table, out, deriv, n_threads)"
-             "\n\nAddresses of float32 buffers (deriv 0 for none); see hubarches.native.");
-
-static PyObject *log_gamma_terms(PyObject *self, PyObject *args) {
-    LogGamma c;
-    Py_ssize_t x, th, lt, it, out, deriv;
-    int n_threads;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "nnnnnnnni", &c.n_cells, &c.n_genes, &x, &th, &lt, &it, &out,
-                          &deriv, &n_threads))
-        return NULL;
-    c.x = as_pointer(x);
-    c.theta = as_pointer(th);
-    c.log_table = as_pointer(lt);
-    c.inv_table = as_pointer(it);
-    c.out = as_pointer(out);
-    c.deriv = as_pointer(deriv);
-    if (c.n_cells < 0 || c.n_genes < 1 || !c.x || !c.theta || !c.log_table || !c.inv_table ||
-        !c.out) {
-        PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastcore.log_gamma");
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS run_log_gamma(&c, n_threads);
-    Py_END_ALLOW_THREADS Py_RETURN_NONE;
-}
-
-static PyMethodDef methods[] = {{"core", core, METH_VARARGS, core_doc},
-                                {"log_gamma", log_gamma_terms, METH_VARARGS, log_gamma_doc},
-                                {NULL, NULL, 0, NULL}};
+static PyMethodDef methods[] = {{"core", core, METH_VARARGS, core_doc}, {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastcore",
                                     "The likelihood's elementwise core, fused (optional).", -1,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -33,9 +33,7 @@ from hubarches.errors import warn
 __all__ = [
     "COMPILE_ENV",
     "COMPILE_MIN_STEPS",
-    "GeneLogGamma",
     "HeadsCountNLL",
-    "batch_log_gamma",
     "compile_wanted",
     "compiled",
     "count_nll",
@@ -262,27 +260,6 @@ def _theta_log_gamma(
     return terms
 
 
-class GeneLogGamma(torch.autograd.Function):
-    """``Σ_g log Γ(x+θ_g) − log Γ(θ_g)`` per cell from dense counts, in C (:mod:`.native`)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, theta: torch.Tensor, x: torch.Tensor
-    ) -> torch.Tensor:
-        """Per-cell sums over the nonzero counts."""
-        out, deriv = native.log_gamma_terms(theta, x, want_derivative=ctx.needs_input_grad[0])
-        ctx.save_for_backward(deriv)
-        return out
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
-    ) -> tuple[torch.Tensor | None, None]:
-        """``∂/∂θ_g = Σ_cells grad · (ψ(x+θ_g) − ψ(θ_g))``."""
-        (deriv,) = ctx.saved_tensors
-        return (None if deriv is None else deriv.t() @ grad_out), None
-
-
 def log_factorial(rows: torch.Tensor, values: torch.Tensor, n_cells: int) -> torch.Tensor:
     """``Σ_g log Γ(x_g + 1)`` per cell: a constant of the data, computed once per data set."""
     out = torch.zeros(n_cells, dtype=values.dtype, device=values.device)
@@ -311,23 +288,6 @@ def nonzero_log_gamma(
     terms = _theta_log_gamma(theta, nz_rows, nz_cols, nz_values)
     out = torch.zeros(n_cells, dtype=terms.dtype, device=terms.device)
     return out.index_add(0, nz_rows, terms) - factorial
-
-
-def batch_log_gamma(
-    theta: torch.Tensor | None,
-    x: torch.Tensor,
-    *,
-    nonzero: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    factorial: torch.Tensor | None,
-) -> torch.Tensor:
-    """:func:`nonzero_log_gamma` of a dense minibatch ``x``.
-
-    With θ per gene and ``factorial`` known, the C code reads ``x`` directly; otherwise the
-    terms are evaluated on the nonzero coordinates, which ``nonzero()`` supplies only then.
-    """
-    if theta is not None and factorial is not None and native.supports_log_gamma(theta, x):
-        return GeneLogGamma.apply(theta, x) - factorial
-    return nonzero_log_gamma(theta, *nonzero(), n_cells=x.shape[0], factorial=factorial)
 
 
 def count_nll(

@@ -19,7 +19,7 @@ from torch import nn
 
 from hubarches.config import ModelConfig
 from hubarches.errors import ModelError, WeightsError
-from hubarches.fastlik import batch_log_gamma, count_nll
+from hubarches.fastlik import count_nll, nonzero_log_gamma
 from hubarches.likelihoods import log_nb, log_poisson, log_zinb
 from hubarches.nn import MLP, CovariateWeight
 
@@ -47,18 +47,14 @@ Coordinates = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def _coordinates(
     x: torch.Tensor, given: Coordinates | Callable[[], Coordinates] | None
-) -> Callable[[], Coordinates]:
-    """A function giving the nonzero coordinates of ``x``: those given, or found from ``x``."""
+) -> Coordinates:
+    """The nonzero coordinates of ``x``: those given (or given by a function), else found."""
     if callable(given):
-        return given
+        return given()
     if given is not None:
-        return lambda: given
-
-    def find() -> Coordinates:
-        rows, cols = torch.nonzero(x, as_tuple=True)
-        return rows, cols, x[rows, cols]
-
-    return find
+        return given
+    rows, cols = torch.nonzero(x, as_tuple=True)
+    return rows, cols, x[rows, cols]
 
 
 class Encoder(nn.Module):
@@ -261,8 +257,8 @@ class CVAE(nn.Module):
         )
         if log_gamma is None:
             theta = None if log_theta is None else torch.exp(log_theta)
-            log_gamma = batch_log_gamma(
-                theta, x, nonzero=_coordinates(x, nonzero), factorial=factorial
+            log_gamma = nonzero_log_gamma(
+                theta, *_coordinates(x, nonzero), n_cells=x.shape[0], factorial=factorial
             )
         return LossTerms(reconstruction=nll - log_gamma, kl=kl)
 

@@ -5,8 +5,6 @@ cells × genes arrays; the C version reads each cell's row twice and vectorises 
 logarithms and exponentials, which makes a query step about twice as fast on the CPU. It is
 built at install time when a C compiler is present and used for float32 CPU tensors; set
 ``HUBARCHES_NATIVE=0`` to use PyTorch's version instead (the results agree to float rounding).
-It also evaluates the likelihood's log-gamma terms of a dense minibatch with per-gene θ
-(:func:`log_gamma_terms`), the other per-step cost of reference training.
 """
 
 from __future__ import annotations
@@ -15,14 +13,7 @@ import os
 
 import torch
 
-__all__ = [
-    "NATIVE_ENV",
-    "available",
-    "log_gamma_terms",
-    "native_core",
-    "supports",
-    "supports_log_gamma",
-]
+__all__ = ["NATIVE_ENV", "available", "native_core", "supports"]
 
 NATIVE_ENV = "HUBARCHES_NATIVE"
 """``0`` turns the C core off; anything else (or unset) uses it where it is built."""
@@ -126,45 +117,3 @@ def native_core(
         torch.get_num_threads(),
     )
     return nll, grad_a, grad_p, grad_lt
-
-
-_TABLE_WIDTH = 17
-"""Entries per gene of the C code's log-gamma tables (counts 0..16)."""
-
-
-def supports_log_gamma(theta: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether :func:`log_gamma_terms` can take a per-gene ``theta`` and dense counts ``x``."""
-    return (
-        available()
-        and x.dim() == 2
-        and _contiguous(x)
-        and _contiguous(theta)
-        and tuple(theta.shape) == (x.shape[1],)
-    )
-
-
-def log_gamma_terms(
-    theta: torch.Tensor, x: torch.Tensor, *, want_derivative: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per cell ``Σ_g log Γ(x+θ_g) − log Γ(θ_g)`` over its nonzero counts, and ``∂/∂θ``.
-
-    The derivative is per cell and gene, ``ψ(x+θ) − ψ(θ)`` (0 where ``x = 0``), for the
-    backward pass to weight by cell. Call only where :func:`supports_log_gamma`.
-    """
-    assert _fastcore is not None
-    n_cells, n_genes = x.shape
-    tables = torch.empty(2, n_genes * _TABLE_WIDTH, dtype=torch.float32)
-    out = torch.empty(n_cells, dtype=torch.float32)
-    deriv = torch.empty(n_cells, n_genes, dtype=torch.float32) if want_derivative else None
-    _fastcore.log_gamma(
-        n_cells,
-        n_genes,
-        x.data_ptr(),
-        theta.data_ptr(),
-        tables[0].data_ptr(),
-        tables[1].data_ptr(),
-        out.data_ptr(),
-        0 if deriv is None else deriv.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return out, deriv
