@@ -78,7 +78,7 @@ The query needs raw counts and the `obs` column${covariate_plural} ${covariate_c
 New categories are added by architectural surgery; the reference's weights stay frozen.
 
 ```bash
-hubarches map ${ref} query.h5ad --batch-key ${batch_key_shell}
+hubarches map ${ref} query.h5ad --batch-key ${batch_key_shell} --out mapped.h5ad
 ```
 
 ```python

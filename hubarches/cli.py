@@ -5,7 +5,8 @@ Each command parses its options, calls the pipeline and renders the result objec
 boundary: a :class:`~hubarches.errors.HubarchesError` or an unreadable file becomes one line
 on stderr and exit code 1, a usage error exit code 2, an interrupt 130; a traceback is shown
 only with ``HUBARCHES_DEBUG=1``. :class:`~hubarches.errors.HubarchesWarning` s are shown as
-one ``warning: …`` line each; other libraries' warnings only in debug mode.
+one ``warning: …`` line each; other libraries' warnings, and their log records below ERROR
+(the Hub client's retry messages), only in debug mode.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 """Exit code after Ctrl-C (128 + SIGINT), as shells report it."""
 BUG_HINT = "This looks like a bug in hubarches: rerun with HUBARCHES_DEBUG=1 and report the output"
+QUIET_LOGGERS = ("huggingface_hub", "httpx", "httpx2", "httpcore", "urllib3", "filelock")
+"""Libraries whose log records below ERROR are hidden outside debug mode.
+
+The Hub client logs each retry of a failed request as a warning (two lines per try, five
+tries); the error line that ends the command already says what failed and what to do.
+"""
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
@@ -86,6 +93,21 @@ def _usage_line(err: click.UsageError) -> str:
     return f"error (usage): {message}. See '{command} --help'"
 
 
+def _quiet_libraries() -> dict[logging.Logger, int]:
+    """Raise the :data:`QUIET_LOGGERS` to ERROR; return their levels to restore."""
+    # huggingface_hub sets its logger's level when this module is first imported, which
+    # would undo ours if a command imported it later; importing it first is cheap.
+    import huggingface_hub.utils.logging  # noqa: F401
+
+    saved: dict[logging.Logger, int] = {}
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        saved[logger] = logger.level
+        if logger.getEffectiveLevel() < logging.ERROR:
+            logger.setLevel(logging.ERROR)
+    return saved
+
+
 def _guarded(invoke: Callable[[], Any]) -> int:
     """Run a command and turn whatever it raises into one line and an exit code."""
     debug = _debug()
@@ -95,6 +117,7 @@ def _guarded(invoke: Callable[[], Any]) -> int:
     if handler is not None:
         package_logger.addHandler(handler)
         package_logger.setLevel(logging.DEBUG)
+    library_levels = {} if debug else _quiet_libraries()
     with warnings.catch_warnings():
         warnings.simplefilter("default" if debug else "ignore")
         warnings.simplefilter("default", HubarchesWarning)
@@ -123,6 +146,8 @@ def _guarded(invoke: Callable[[], Any]) -> int:
             if handler is not None:
                 package_logger.removeHandler(handler)
                 package_logger.setLevel(level)
+            for logger, saved in library_levels.items():
+                logger.setLevel(saved)
 
 
 class _Group(click.Group):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from hubarches import cli_render as render
-from hubarches.errors import BundleExistsError, DataError
+from hubarches.errors import BundleExistsError, DataError, RegistryError
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -120,11 +120,21 @@ def device_option(f: F) -> F:
 
 
 def open_registry(registry: str | None, *, quiet: bool = False) -> Registry:
-    """Open the registry an option names; keep the Hub client's bars off when ours are."""
+    """Open the registry an option names; keep the Hub client's bars off when ours are.
+
+    A local registry that names an existing file is refused: it would otherwise read as an
+    empty registry (every lookup falling through to the demo atlases) and fail only on push.
+    """
     from hubarches.registry.local import LocalRegistry
-    from hubarches.registry.select import get_registry
+    from hubarches.registry.select import ENV_REGISTRY, get_registry
 
     reg = get_registry(registry)
+    if isinstance(reg, LocalRegistry) and reg.root.exists() and not reg.root.is_dir():
+        source = "--registry" if registry is not None else f"${ENV_REGISTRY}"
+        raise RegistryError(
+            f"{source} names {reg.root}, which is a file, not a directory",
+            hint="Name a directory (created on the first push), 'hf' or 'hf://HOST'",
+        )
     if not isinstance(reg, LocalRegistry) and not render.progress_enabled(
         quiet=quiet, stream=sys.stderr
     ):

@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +21,18 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from hubserver import HubServer, hub_server  # noqa: F401
+from safetensors.numpy import load_file
 
 from hubarches import cli_render
+from hubarches.bundle import CARD_FILE, EMBEDDING_FILE, verify_bundle
 from hubarches.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, cli
 from hubarches.datasets import simulate_reference_and_query
+from hubarches.errors import IntegrityError
+from hubarches.labels import (
+    DEFAULT_UNCERTAINTY_THRESHOLD,
+    MAPPING_QUALITY_THRESHOLD,
+    UNKNOWN_LABEL,
+)
 from hubarches.manifest import MANIFEST_FILE, read_manifest
 from hubarches.pipeline import push, train_atlas
 from hubarches.registry import VersionInfo
@@ -249,6 +259,87 @@ def test_map_push_publishes_the_next_version(published, data, tmp_path):
     assert "Versions:    1, 2 (latest)" in text
 
 
+def _card_map_command(card: str) -> list[str]:
+    """The ``hubarches map`` line of a model card's bash example, split as a shell would."""
+    lines = [line for line in card.splitlines() if line.startswith("hubarches map ")]
+    assert len(lines) == 1, card
+    return shlex.split(lines[0])
+
+
+def test_the_model_cards_map_command_runs(published, data, isolated_env, tmp_path, monkeypatch):
+    """Copied from the card of a published version, the command maps a query as it says."""
+    card = (isolated_env.registry / "org" / "atlas" / "1" / CARD_FILE).read_text()
+    argv = _card_map_command(card)
+    assert argv[:3] == ["hubarches", "map", f"{ATLAS}@1"]
+    shutil.copy(data / "query.h5ad", tmp_path / argv[3])
+    monkeypatch.chdir(tmp_path)
+    # Only speed settings are added: whatever the command needs must already be in the card.
+    run(*argv[1:], "--epochs", "2", "--device", "cpu")
+    assert ad.read_h5ad(tmp_path / "mapped.h5ad").obsm["X_hubarches"].shape == (60, N_LATENT)
+
+
+def test_map_save_model_keeps_the_reference_embedding(published, data, isolated_env, tmp_path):
+    """The extension carries its parent's reference cells, listed and verified like weights."""
+    saved = tmp_path / "extension"
+    run(*map_args(data, tmp_path / "m.h5ad", "--save-model", saved))
+    manifest = verify_bundle(saved)
+    assert EMBEDDING_FILE in manifest.files
+    assert manifest.files[EMBEDDING_FILE].size == (saved / EMBEDDING_FILE).stat().st_size
+    parent = load_file(isolated_env.registry / "org" / "atlas" / "1" / EMBEDDING_FILE)
+    extension = load_file(saved / EMBEDDING_FILE)
+    assert set(extension) == set(parent)
+    for name, tensor in parent.items():
+        np.testing.assert_array_equal(extension[name], tensor)
+    assert f"{EMBEDDING_FILE} (" in run("info", saved).stdout
+    embedding = bytearray((saved / EMBEDDING_FILE).read_bytes())
+    embedding[len(embedding) // 2] ^= 0xFF
+    (saved / EMBEDDING_FILE).write_bytes(bytes(embedding))
+    with pytest.raises(IntegrityError) as err:
+        verify_bundle(saved)
+    assert err.value.filename == EMBEDDING_FILE
+    error_line(run("push", saved, ATLAS, code=1), "IntegrityError")
+
+
+def _map_thresholds(data: Path, out: Path, *, uncertainty: str, quality: str):
+    """Map with both thresholds given; return the --json report and the mapped obs."""
+    thresholds = ("--uncertainty-threshold", uncertainty, "--quality-threshold", quality)
+    doc = json.loads(run(*map_args(data, out, "--json", *thresholds)).stdout)
+    return doc, ad.read_h5ad(out).obs
+
+
+def test_map_thresholds_decide_unknown_labels_and_flags(published, data, tmp_path):
+    default = json.loads(run(*map_args(data, tmp_path / "default.h5ad", "--json")).stdout)
+    assert default["labels"]["threshold"] == DEFAULT_UNCERTAINTY_THRESHOLD
+    assert default["mapping_quality"]["threshold"] == MAPPING_QUALITY_THRESHOLD
+
+    # A huge quality threshold flags no cell; uncertainty 0 calls every uncertain cell Unknown.
+    strict, obs = _map_thresholds(data, tmp_path / "strict.h5ad", uncertainty="0", quality="1e9")
+    assert obs["hubarches_mapping_ok"].all()
+    assert strict["mapping_quality"]["n_flagged"] == 0
+    assert strict["mapping_quality"]["threshold"] == 1e9
+    uncertain = obs["hubarches_label_uncertainty"].to_numpy() > 0
+    assert uncertain.sum() > 0  # the threshold has something to decide
+    unknown = (obs["hubarches_label"] == UNKNOWN_LABEL).to_numpy()
+    np.testing.assert_array_equal(unknown, uncertain)
+    assert strict["labels"]["threshold"] == 0
+    assert strict["labels"]["n_unknown"] == strict["labels"]["counts"][UNKNOWN_LABEL]
+    assert strict["labels"]["n_unknown"] == int(uncertain.sum())
+    assert strict["labels"]["n_flagged_unknown"] == 0
+
+    # Uncertainty 1 lets every cell keep its vote's winner.
+    lenient, obs = _map_thresholds(data, tmp_path / "lenient.h5ad", uncertainty="1", quality="1e9")
+    assert lenient["labels"]["n_unknown"] == 0
+    assert lenient["labels"]["counts"][UNKNOWN_LABEL] == 0
+    assert (obs["hubarches_label"] != UNKNOWN_LABEL).all()
+
+    # A tiny quality threshold flags every cell, and flagged cells are Unknown whatever the vote.
+    off, obs = _map_thresholds(data, tmp_path / "off.h5ad", uncertainty="1", quality="1e-6")
+    assert not obs["hubarches_mapping_ok"].any()
+    assert off["mapping_quality"]["n_flagged"] == 60
+    assert off["labels"]["n_unknown"] == off["labels"]["n_flagged_unknown"] == 60
+    assert (obs["hubarches_label"] == UNKNOWN_LABEL).all()
+
+
 def test_map_streams_a_backed_query_to_the_same_result(published, data, tmp_path):
     run(*map_args(data, tmp_path / "memory.h5ad", "--in-memory"))
     run(*map_args(data, tmp_path / "backed.h5ad", "--backed"))
@@ -388,6 +479,61 @@ def test_a_corrupted_bundle_is_refused(published, isolated_env):
     error_line(run("pull", ATLAS, code=1), "IntegrityError")
 
 
+def test_a_registry_that_is_a_file_is_refused(bundle, tmp_path):
+    plain = tmp_path / "registry.txt"
+    plain.write_text("not a registry")
+    for args in (["list"], ["pull", "hubarches/demo"], ["info", ATLAS], ["push", bundle, ATLAS]):
+        line = error_line(run(*args, "--registry", plain, code=EXIT_ERROR), "RegistryError")
+        assert f"--registry names {plain}, which is a file, not a directory" in line
+    line = error_line(run("list", code=EXIT_ERROR, env={"HUBARCHES_REGISTRY": str(plain)}),
+                      "RegistryError")  # fmt: skip
+    assert "$HUBARCHES_REGISTRY names" in line
+    assert plain.read_text() == "not a registry"
+
+
+# Runs the CLI with time.sleep a no-op: huggingface_hub's http_backoff retries a refused
+# connection five times, sleeping 1+2+4+8+8 s in between, and no setting shortens that.
+_NO_BACKOFF = (
+    "import sys, time; time.sleep = lambda s: None; from hubarches.cli import main; "
+    "sys.exit(main(sys.argv[1:]))"
+)
+
+
+def _closed_port() -> int:
+    """A local TCP port nothing listens on (bound once, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_unreachable_hub_is_one_line_without_retry_logs():
+    hub = f"hf://http://127.0.0.1:{_closed_port()}"
+    env = dict(os.environ)
+    commands = {
+        "list": (["list", "--registry", hub], env, "RegistryError"),
+        "pull": (["pull", ATLAS, "--registry", hub], env, "RegistryOfflineError"),
+        "debug": (["list", "--registry", hub], {**env, "HUBARCHES_DEBUG": "1"}, "RegistryError"),
+    }
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", _NO_BACKOFF, *args], env=run_env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )
+        for name, (args, run_env, _) in commands.items()
+    }  # fmt: skip
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+        kind = commands[name][2]
+        assert proc.returncode == EXIT_ERROR, stderr
+        if name == "debug":  # the retries did happen: debug mode shows their log lines
+            assert "thrown while requesting" in stderr
+            assert stderr.strip().splitlines()[-1].startswith(f"error ({kind}): ")
+            continue
+        lines = (stdout + stderr).strip().splitlines()
+        assert len(lines) == 1, stdout + stderr
+        assert lines[0].startswith(f"error ({kind}): ")
+
+
 def test_usage_errors_exit_2_with_one_line(published, data, tmp_path):
     query = data / "query.h5ad"
     cases = [
@@ -513,20 +659,35 @@ def hub(hub_server: HubServer, monkeypatch: pytest.MonkeyPatch) -> str:  # noqa:
 
 
 def test_pull_map_push_against_the_hub(hub, bundle, data, tmp_path):
-    pushed = json.loads(run("push", bundle, ATLAS, "--registry", hub, "--json").stdout)
+    results = []
+
+    def hub_run(*args: object, code: int = 0, env: dict[str, str] | None = None):
+        results.append(run(*args, code=code, env=env))
+        return results[-1]
+
+    pushed = json.loads(hub_run("push", bundle, ATLAS, "--registry", hub, "--json").stdout)
     assert pushed["version"] == 1
     assert pushed["registry"] == hub.removeprefix("hf://")
-    pulled = json.loads(run("pull", ATLAS, "--registry", hub, "--json").stdout)
+    pulled = json.loads(hub_run("pull", ATLAS, "--registry", hub, "--json").stdout)
     assert pulled["digest"] == pushed["digest"]
     doc = json.loads(
-        run(*map_args(data, tmp_path / "m.h5ad", "--push", "--registry", hub, "--json")).stdout
+        hub_run(*map_args(data, tmp_path / "m.h5ad", "--push", "--registry", hub, "--json")).stdout
     )
     assert doc["reference"]["digest"] == pushed["digest"]
     assert doc["published"]["version"] == 2
-    text = run("pull", f"{ATLAS}@2", "--registry", hub).stdout
+    text = hub_run("pull", f"{ATLAS}@2", "--registry", hub).stdout
     assert f"extends {ATLAS}@1 (sha256:{pushed['digest'][:12]})" in text
-    listing = json.loads(run("list", "--registry", hub, "--json").stdout)
+    listing = json.loads(hub_run("list", "--registry", hub, "--json").stdout)
     assert [a["name"] for a in listing["atlases"]] == [ATLAS]
     assert listing["atlases"][0]["latest"] == 2
     # The Hub answers an unknown repo as it answers a private one.
-    error_line(run("pull", "org/other", "--registry", hub, code=1), "RegistryAccessError")
+    error_line(hub_run("pull", "org/other", "--registry", hub, code=1), "RegistryAccessError")
+    # A push the token may not make fails, and its error (traceback too) omits the token.
+    refused = ("push", bundle, "someone/else", "--registry", hub)
+    error_line(hub_run(*refused, code=1), "PushError")
+    assert "Traceback" in hub_run(*refused, code=1, env={"HUBARCHES_DEBUG": "1"}).stderr
+    assert len(results) == 8
+    for result in results:  # the token authorised every call and never shows in the output
+        assert TOKEN not in result.stdout
+        assert TOKEN not in result.stderr
+        assert TOKEN[3:15] not in result.output

@@ -7,6 +7,8 @@ differently); the build's determinism is checked by building a tiny demo twice.
 from __future__ import annotations
 
 import importlib.util
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +17,11 @@ from types import ModuleType
 import anndata as ad
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 import hubarches
 from hubarches.bundle import CARD_FILE, verify_bundle
+from hubarches.cli import cli
 from hubarches.manifest import manifest_digest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +90,22 @@ def test_model_cards_are_the_bundles_readmes():
         assert f"# hubarches/demo (version {version})" in text
     shipped = {p.name for p in CARDS.glob("hubarches-demo-v*.md")}
     assert shipped == {f"hubarches-demo-v{v}.md" for v in VERSIONS}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_shipped_cards_map_command_runs(version, tmp_path, monkeypatch):
+    """The card's bash example, copied as is, maps the demo query (rebuild the demo if not)."""
+    card = (CARDS / f"hubarches-demo-v{version}.md").read_text()
+    lines = [line for line in card.splitlines() if line.startswith("hubarches map ")]
+    assert len(lines) == 1
+    argv = shlex.split(lines[0])
+    assert argv[:3] == ["hubarches", "map", f"hubarches/demo@{version}"]
+    shutil.copy(QUERY, tmp_path / argv[3])
+    monkeypatch.chdir(tmp_path)
+    # Only speed settings are added: whatever the command needs must already be in the card.
+    result = CliRunner().invoke(cli, [*argv[1:], "--epochs", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "mapped.h5ad").is_file()
 
 
 def test_the_example_query_has_new_batches_and_imperfect_genes(manifests):

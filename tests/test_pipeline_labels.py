@@ -18,7 +18,7 @@ import hubarches
 from hubarches.bundle import EMBEDDING_FILE
 from hubarches.datasets import simulate_reference_and_query
 from hubarches.errors import HubarchesWarning, IntegrityError
-from hubarches.labels import MAPPING_QUALITY_THRESHOLD, UNKNOWN_LABEL
+from hubarches.labels import MAPPING_QUALITY_THRESHOLD, UNKNOWN_LABEL, stratified_subsample
 
 HELD_OUT = "type_05"
 LABEL_COLUMNS = (
@@ -151,6 +151,45 @@ def test_labelled_bundle_stores_a_stratified_embedding(mapped, tmp_path):
     cats = reference.manifest.labels.categories
     expected = pd.Categorical(mapped["ref"].obs["cell_type"], categories=cats).codes
     np.testing.assert_array_equal(tensors["labels"], expected)
+
+
+def test_embedding_cap_stores_a_label_stratified_sample(tmp_path):
+    """At most ``embedding_cap`` reference cells are stored, every label among them."""
+    ref, _ = simulate_reference_and_query(
+        n_reference=240, n_query=10, n_genes=40, n_types=3, seed=5
+    )
+    cell_type = ref.obs["cell_type"].cat.add_categories("rare")
+    cell_type.iloc[:3] = "rare"  # 3 of 240 cells: 0.3 of the 24 kept, by proportion alone
+    ref.obs["cell_type"] = cell_type
+    cap = 24
+    trained = hubarches.train_atlas(
+        ref,
+        batch_key="batch",
+        label_key="cell_type",
+        config={"n_hidden": 16, "n_latent": 4},
+        options=hubarches.TrainOptions(epochs=2, kl_warmup_epochs=1, device="cpu"),
+        embedding_cap=cap,
+    )
+    reference = trained.reference
+    cats = reference.manifest.labels.categories
+    assert "rare" in cats
+    codes = pd.Categorical(ref.obs["cell_type"], categories=cats).codes
+    emb = reference.embedding
+    assert emb.latent.shape == (cap, 4)
+    kept = np.bincount(emb.labels, minlength=len(cats))
+    assert (kept >= 1).all()  # every label keeps a cell, the rare one too
+    share = np.bincount(codes, minlength=len(cats)) / len(codes)
+    assert np.abs(kept - cap * share).max() <= 2  # otherwise in proportion to label sizes
+    keep = stratified_subsample(codes, cap, seed=0)
+    np.testing.assert_array_equal(emb.labels, codes[keep])
+    np.testing.assert_allclose(emb.latent, reference.embed(ref)[keep], atol=1e-5)
+    assert emb.spread.shape == (cap,)
+
+    path = reference.save(tmp_path / "bundle")
+    tensors = load_file(path / EMBEDDING_FILE)
+    assert tensors["latent"].shape == (cap, 4)
+    np.testing.assert_array_equal(tensors["labels"], emb.labels)
+    assert hubarches.load_reference(path).embedding.latent.shape == (cap, 4)
 
 
 def test_stored_spread_gives_the_scores_computed_from_scratch(mapped):
