@@ -40,6 +40,7 @@ __all__ = [
     "elementwise_core",
     "log_factorial",
     "nonzero_log_gamma",
+    "row_sums",
 ]
 
 COMPILE_ENV = "HUBARCHES_COMPILE"
@@ -256,8 +257,21 @@ def _theta_log_gamma(
         correction = torch.lgamma(values.index_select(0, off) + th) - torch.lgamma(
             c.index_select(0, off) + th
         )
-        terms = terms.index_add(0, off, correction)
+        terms = terms.index_add_(0, off, correction)  # in place: the gather keeps no output
     return terms
+
+
+def row_sums(values: torch.Tensor, rows: torch.Tensor, n_cells: int) -> torch.Tensor:
+    """Per-cell sums of per-nonzero ``values`` (differentiable).
+
+    Coordinates listed cell by cell, as CSR matrices and ``torch.nonzero`` give them, are
+    summed as segments, several times faster than a scatter-add, forward and backward.
+    """
+    if rows.numel() > 1 and bool((rows[1:] >= rows[:-1]).all()):
+        lengths = torch.bincount(rows, minlength=n_cells)
+        return torch.segment_reduce(values, "sum", lengths=lengths, unsafe=True)
+    out = torch.zeros(n_cells, dtype=values.dtype, device=values.device)
+    return out.index_add(0, rows, values)
 
 
 def log_factorial(rows: torch.Tensor, values: torch.Tensor, n_cells: int) -> torch.Tensor:
@@ -286,8 +300,7 @@ def nonzero_log_gamma(
     if theta is None:
         return -factorial
     terms = _theta_log_gamma(theta, nz_rows, nz_cols, nz_values)
-    out = torch.zeros(n_cells, dtype=terms.dtype, device=terms.device)
-    return out.index_add(0, nz_rows, terms) - factorial
+    return row_sums(terms, nz_rows, n_cells) - factorial
 
 
 def count_nll(
