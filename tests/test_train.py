@@ -239,12 +239,10 @@ def test_query_training_optimizes_only_the_new_tensors(monkeypatch: pytest.Monke
     train_reference(model, CountMatrix.from_matrix(x), codes, options=TrainOptions(epochs=1))
     ext = grow(model, (2, 1))
     handed: list[list[torch.nn.Parameter]] = []
-    optimizers: list[torch.optim.Optimizer] = []
+    optimizers: list = []
     original = train_module._adam
 
-    def recording_adam(
-        parameters: list[torch.nn.Parameter], options: TrainOptions
-    ) -> torch.optim.Optimizer:
+    def recording_adam(parameters: list[torch.nn.Parameter], options: TrainOptions):
         handed.append(list(parameters))
         optimizers.append(original(parameters, options))
         return optimizers[-1]
@@ -270,3 +268,59 @@ def test_query_training_optimizes_only_the_new_tensors(monkeypatch: pytest.Monke
         assert not param.requires_grad, name
         assert param.grad is None, f"{name} received a gradient"
     assert all(p.requires_grad and p.grad is not None for p in expected)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_small_adam_follows_torch_adam_step_for_step(fused: bool):
+    """Query training's optimizer is torch.optim.Adam's update (weight decay included):
+    bitwise with the fused kernel, to rounding with the foreach fallback."""
+    from hubarches.optim import SmallAdam
+
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
+    ours = [torch.nn.Parameter(t.clone()) for t in start]
+    theirs = [torch.nn.Parameter(t.clone()) for t in start]
+    settings = {"lr": 0.05, "eps": 0.01, "weight_decay": 0.1}
+    opt_ours = SmallAdam(ours, **settings)
+    opt_ours._fused = fused
+    opt_theirs = torch.optim.Adam(theirs, fused=True, **settings)
+    for step in range(25):
+        for params, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad(set_to_none=True)
+            loss = (params[0] ** 3).sum()
+            if step % 3:  # the second tensor sometimes has no gradient: its count lags
+                loss = loss + (params[1].sin() * step).sum()
+            loss.backward()
+            opt.step()
+    for a, b in zip(ours, theirs, strict=True):
+        if fused:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert ours[0].data.ne(start[0]).all()
+    assert ours[1].data.ne(start[1]).all()
+
+
+def test_query_training_does_not_import_torch_dynamo():
+    """Building torch.optim.Adam imports torch._dynamo (~1 s); a query run must not pay it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, torch\n"
+        "from hubarches.batching import CountMatrix\n"
+        "from hubarches.config import ModelConfig\n"
+        "from hubarches.model import build_model\n"
+        "from hubarches.surgery import grow\n"
+        "from hubarches.train import train_query\n"
+        "from hubarches.config import TrainOptions\n"
+        "m = build_model(ModelConfig(n_genes=30, covariate_sizes=(2,), n_hidden=16))\n"
+        "m.trained.fill_(True)\n"
+        "ext = grow(m, (1,))\n"
+        "x = np.random.default_rng(0).poisson(2.0, (40, 30)).astype('float32') + 1\n"
+        "train_query(ext, CountMatrix.from_matrix(x), np.full((40, 1), 2),\n"
+        "            options=TrainOptions(epochs=1, batch_size=8))\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
