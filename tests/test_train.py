@@ -324,3 +324,18 @@ def test_query_training_does_not_import_torch_dynamo():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_data_log_factorial_sums_each_cells_counts_across_blocks():
+    from scipy.special import gammaln
+
+    from hubarches.train import data_log_factorial
+
+    rng = np.random.default_rng(3)
+    dense = rng.poisson(0.7, (23, 9)).astype(np.float32) * rng.integers(1, 30, (23, 9))
+    dense[[0, 5, 6, 22]] = 0.0  # empty cells, at the edges of blocks too
+    counts = CountMatrix.from_matrix(sp.csr_matrix(dense))
+    expected = gammaln(dense.astype(np.float64) + 1.0).sum(axis=1)
+    for block in (1, 4, 7, 100):
+        got = data_log_factorial(counts, block=block).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-5)
