@@ -7,7 +7,8 @@ PY=${PYTHON:-python3.11}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q ".[test]"
+# Editable, so that the tests import this tree, with its C core built in place.
+.venv/bin/python -m pip install -q -e ".[test]"
 set +e
 .venv/bin/python -m pytest -q "$@"
 rc=$?
