@@ -203,7 +203,54 @@ static PyObject *core(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyMethodDef methods[] = {{"core", core, METH_VARARGS, core_doc}, {NULL, NULL, 0, NULL}};
+/* --- dense rows of a CSR matrix (a minibatch) --------------------------------------------- */
+
+PyDoc_STRVAR(densify_doc,
+             "densify(n_rows, n_cols, indptr, indptr_64, indices, indices_64, data, rows, out)\n\n"
+             "Write the CSR rows ``rows`` (int64) of a float32 matrix densely into ``out``.");
+
+static PyObject *densify(PyObject *self, PyObject *args) {
+    Py_ssize_t n_rows, n_cols, indptr, indices, data, rows, out;
+    int indptr_64, indices_64;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nnnininnn", &n_rows, &n_cols, &indptr, &indptr_64, &indices,
+                          &indices_64, &data, &rows, &out))
+        return NULL;
+    if (n_rows < 0 || n_cols < 1 || !indptr || !indices || !data || !rows || !out) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastcore.densify");
+        return NULL;
+    }
+    const int64_t *row = as_pointer(rows);
+    const float *values = as_pointer(data);
+    float *dense = as_pointer(out);
+    const int32_t *ptr32 = as_pointer(indptr), *idx32 = as_pointer(indices);
+    const int64_t *ptr64 = as_pointer(indptr), *idx64 = as_pointer(indices);
+    int64_t bad = 0; /* column indices outside the matrix: refused, never written */
+    Py_BEGIN_ALLOW_THREADS for (Py_ssize_t i = 0; i < n_rows; i++) {
+        float *dst = dense + i * n_cols;
+        for (Py_ssize_t g = 0; g < n_cols; g++) dst[g] = 0.0f;
+        const int64_t r = row[i];
+        const int64_t first = indptr_64 ? ptr64[r] : ptr32[r];
+        const int64_t last = indptr_64 ? ptr64[r + 1] : ptr32[r + 1];
+        for (int64_t k = first; k < last; k++) {
+            const int64_t j = indices_64 ? idx64[k] : idx32[k];
+            if ((uint64_t)j < (uint64_t)n_cols)
+                dst[j] += values[k];
+            else
+                bad++;
+        }
+    }
+    Py_END_ALLOW_THREADS if (bad) {
+        PyErr_Format(PyExc_ValueError, "%lld column indices lie outside the matrix",
+                     (long long)bad);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {{"core", core, METH_VARARGS, core_doc},
+                                {"densify", densify, METH_VARARGS, densify_doc},
+                                {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastcore",
                                     "The likelihood's elementwise core, fused (optional).", -1,

@@ -17,6 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from hubarches import native
 from hubarches.errors import ModelError
 from hubarches.model import CVAE
 
@@ -66,13 +67,13 @@ class Minibatch:
         self,
         x: torch.Tensor,
         *,
-        csr: sp.csr_matrix | None = None,
+        csr: sp.csr_matrix | Callable[[], sp.csr_matrix] | None = None,
         nonzero: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         if csr is None and nonzero is None:
             raise ModelError("a minibatch needs its CSR rows or its nonzero coordinates")
         self.x = x
-        self._csr = csr
+        self._csr = csr  # or a function that cuts them out, called only when needed
         self._nonzero = nonzero
 
     @classmethod
@@ -85,7 +86,8 @@ class Minibatch:
         """``(rows, cols, values)`` of the nonzero counts."""
         if self._nonzero is None:
             assert self._csr is not None
-            self._nonzero = nonzero_coordinates(self._csr)
+            csr = self._csr() if callable(self._csr) else self._csr
+            self._nonzero = nonzero_coordinates(csr)
         return self._nonzero
 
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Minibatch:
@@ -182,7 +184,10 @@ class CountMatrix:
 
     def minibatch(self, rows: np.ndarray) -> Minibatch:
         """The given rows, dense, together with the coordinates of their nonzero counts."""
-        return Minibatch.from_csr(self.csr[rows])
+        dense = native.dense_rows(self.csr, rows)
+        if dense is None:
+            return Minibatch.from_csr(self.csr[rows])
+        return Minibatch(dense, csr=lambda: self.csr[rows])
 
     def row_block(self, start: int, stop: int) -> CountMatrix:
         """Rows ``start:stop`` as a view on this matrix's arrays (no copy of the counts)."""

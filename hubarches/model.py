@@ -230,6 +230,7 @@ class CVAE(nn.Module):
         nonzero: Coordinates | Callable[[], Coordinates] | None = None,
         factorial: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        log_library: torch.Tensor | None = None,
     ) -> LossTerms:
         """Per-cell reconstruction loss and KL divergence of a minibatch of counts.
 
@@ -243,7 +244,8 @@ class CVAE(nn.Module):
         if noise is None:
             noise = self.draw_noise(x.shape[0], generator=generator, like=x)
         z, kl = self.sample_z(x, codes, first_expression=first_expression, noise=noise)
-        log_library = torch.log(x.sum(-1))
+        if log_library is None:  # training passes the per-cell constant, computed once
+            log_library = torch.log(x.sum(-1))
         log_theta = self.log_dispersion(codes)
         decoder = self.decoder
         nll = count_nll(

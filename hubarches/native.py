@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 
-__all__ = ["NATIVE_ENV", "available", "native_core", "supports"]
+__all__ = ["NATIVE_ENV", "available", "dense_rows", "native_core", "supports"]
 
 NATIVE_ENV = "HUBARCHES_NATIVE"
 """``0`` turns the C core off; anything else (or unset) uses it where it is built."""
@@ -117,3 +119,40 @@ def native_core(
         torch.get_num_threads(),
     )
     return nll, grad_a, grad_p, grad_lt
+
+
+_INDEX_TYPES = (np.dtype(np.int32), np.dtype(np.int64))
+
+
+def dense_rows(csr: sp.csr_matrix, rows: np.ndarray) -> torch.Tensor | None:
+    """Rows ``rows`` of a float32 CSR matrix as a dense tensor, or None where unsupported.
+
+    Skips scipy's intermediate CSR of the selected rows: a minibatch is formed in one pass.
+    Row numbers are checked here; column indices outside the matrix are refused in C.
+    """
+    if not available() or csr.data.dtype != np.float32 or csr.shape[1] < 1:
+        return None
+    if csr.indptr.dtype not in _INDEX_TYPES or csr.indices.dtype not in _INDEX_TYPES:
+        return None
+    arrays = (csr.data, csr.indices, csr.indptr)
+    if not all(a.flags.c_contiguous for a in arrays):
+        return None
+    picked = np.ascontiguousarray(rows, dtype=np.int64)
+    if picked.size and (picked.min() < 0 or picked.max() >= csr.shape[0]):
+        raise IndexError(f"row numbers outside 0..{csr.shape[0] - 1}")
+    out = torch.empty(len(picked), csr.shape[1], dtype=torch.float32)
+    if not len(picked):
+        return out
+    assert _fastcore is not None
+    _fastcore.densify(
+        len(picked),
+        csr.shape[1],
+        csr.indptr.ctypes.data,
+        int(csr.indptr.dtype == np.int64),
+        csr.indices.ctypes.data,
+        int(csr.indices.dtype == np.int64),
+        csr.data.ctypes.data,
+        picked.ctypes.data,
+        out.data_ptr(),
+    )
+    return out

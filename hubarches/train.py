@@ -275,6 +275,7 @@ def train_reference(
         p.requires_grad_(True)
 
     factorial = data_log_factorial(counts).to(device)
+    log_library = _log_library(counts).to(device)
 
     def step_loss(rows: np.ndarray, batch: Minibatch, generator: torch.Generator) -> LossTerms:
         index = torch.as_tensor(rows, device=device)
@@ -282,8 +283,9 @@ def train_reference(
             batch.x,
             codes_t[rows].to(device),
             generator=generator,
-            nonzero=lambda: batch.nonzero,  # built only where the C code cannot read x
+            nonzero=lambda: batch.nonzero,  # built only where a step needs them
             factorial=factorial[index],
+            log_library=log_library[index],
         )
 
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
@@ -300,6 +302,11 @@ def train_reference(
         )
     model.trained.fill_(True)
     return history
+
+
+def _log_library(counts: Counts) -> torch.Tensor:
+    """``log Σ_g x_g`` of every cell (−inf for empty cells, which training leaves out)."""
+    return torch.log(torch.from_numpy(counts.library().astype(np.float32)))
 
 
 def data_log_factorial(counts: Counts, *, block: int = 8192) -> torch.Tensor:
@@ -390,6 +397,7 @@ def train_query(
     keep = np.flatnonzero(counts.library() > 0)
     first_expression = first_layer_expression(extension, counts)
     log_gamma = frozen_log_gamma(extension, counts, codes_t)
+    log_library = _log_library(counts).to(device)
 
     def set_mode() -> None:
         # Frozen normalization statistics: everything in eval mode, dropout on only if asked.
@@ -408,6 +416,7 @@ def train_query(
             generator=generator,
             log_gamma=None if log_gamma is None else log_gamma[index],
             nonzero=lambda: batch.nonzero,
+            log_library=log_library[index],
         )
 
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):

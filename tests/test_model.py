@@ -264,3 +264,17 @@ def test_query_step_with_cached_terms_equals_plain_loss(n_layers: int, injection
     assert len(g_fast) == len(g_plain) > 0
     for a, b in zip(g_fast, g_plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_loss_with_a_given_log_library_equals_the_computed_one() -> None:
+    config = ModelConfig(n_genes=30, covariate_sizes=(2,))
+    model = build_model(config, seed=0).eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.poisson(torch.rand(12, 30, generator=gen) * 3, generator=gen) + 1
+    codes = torch.randint(0, 2, (12, 1), generator=gen)
+    noise = torch.randn(12, config.n_latent, generator=gen)
+    computed = model.loss(x, codes, noise=noise)
+    given = model.loss(x, codes, noise=noise, log_library=torch.log(x.sum(-1)))
+    assert torch.equal(computed.reconstruction, given.reconstruction)
+    other = model.loss(x, codes, noise=noise, log_library=torch.log(x.sum(-1)) + 1.0)
+    assert not torch.equal(computed.reconstruction, other.reconstruction)
