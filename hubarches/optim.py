@@ -1,11 +1,12 @@
-"""Adam for the few small tensors of query training, without torch.optim's start-up cost.
+"""Adam without ``torch.optim``'s start-up cost and per-step bookkeeping.
 
 ``torch.optim.Adam`` imports ``torch._dynamo`` when the first optimizer is built (about 0.9 s
-on two cores): a tenth of a typical ``hubarches map`` run spent before the first step. Query
-training optimises a handful of covariate columns, so this module calls the kernel that
-``torch.optim.Adam(fused=True)`` calls (``torch._fused_adam_``, so the steps are bitwise the
-same), and where a build of torch lacks it, the same update (L2 weight decay added to the
-gradient, bias-corrected moments, ε outside the square root) in ``torch._foreach`` operations.
+on two cores): a third of a short ``hubarches map`` run, spent before the first step, and its
+``step`` sorts tensors by device and dtype in Python every time. This module calls the kernel
+that ``torch.optim.Adam(fused=True)`` calls (``torch._fused_adam_``, so the steps are bitwise
+the same) directly, and where a build of torch lacks it applies the same update (L2 weight
+decay added to the gradient, bias-corrected moments, ε outside the square root) in
+``torch._foreach`` operations.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import torch
 
 from hubarches.errors import ModelError
 
-__all__ = ["SmallAdam"]
+__all__ = ["Adam"]
 
 
-class SmallAdam:
+class Adam:
     """``torch.optim.Adam``'s update for a list of tensors (``zero_grad`` and ``step``)."""
 
     def __init__(
@@ -34,7 +35,7 @@ class SmallAdam:
     ) -> None:
         self.parameters = list(parameters)
         if not self.parameters:
-            raise ModelError("SmallAdam needs at least one tensor to optimise")
+            raise ModelError("Adam needs at least one tensor to optimise")
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ModelError(
                 f"invalid Adam settings: lr={lr}, betas={betas}, eps={eps}, "

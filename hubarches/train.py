@@ -21,7 +21,7 @@ from hubarches.config import QUERY_DEFAULTS, TrainOptions, default_epochs
 from hubarches.errors import ModelError, SurgeryError, TrainingError
 from hubarches.fastlik import compile_wanted, compiled, nonzero_log_gamma
 from hubarches.model import CVAE, LossTerms
-from hubarches.optim import SmallAdam
+from hubarches.optim import Adam
 from hubarches.surgery import freeze_reference, new_parameters
 
 __all__ = [
@@ -198,27 +198,9 @@ def _epochs(
                     break
 
 
-SMALL_OPTIMIZER_ELEMENTS = 100_000
-"""Up to this many trainable numbers (query training's new columns) take
-:class:`~hubarches.optim.SmallAdam`, the same update without ``torch.optim``'s ~1 s import
-of ``torch._dynamo``; larger sets (a reference) take ``torch.optim.Adam``'s fused kernel."""
-
-
-def _adam(
-    parameters: Sequence[torch.nn.Parameter], options: TrainOptions
-) -> torch.optim.Adam | SmallAdam:
-    """Adam with scvi-tools' settings, for a few tensors or for many.
-
-    :class:`SmallAdam` for a few; else torch's fused kernel where this torch has one (≈2×
-    faster than its default).
-    """
-    kwargs = {"lr": options.lr, "eps": options.adam_eps, "weight_decay": options.weight_decay}
-    if sum(p.numel() for p in parameters) <= SMALL_OPTIMIZER_ELEMENTS:
-        return SmallAdam(parameters, **kwargs)
-    try:
-        return torch.optim.Adam(parameters, fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device/dtype
-        return torch.optim.Adam(parameters, **kwargs)
+def _adam(parameters: Sequence[torch.nn.Parameter], options: TrainOptions) -> Adam:
+    """Adam with scvi-tools' settings, on torch's fused kernel where this torch has one."""
+    return Adam(parameters, lr=options.lr, eps=options.adam_eps, weight_decay=options.weight_decay)
 
 
 def _validation_loss(

@@ -272,16 +272,16 @@ def test_query_training_optimizes_only_the_new_tensors(monkeypatch: pytest.Monke
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_small_adam_follows_torch_adam_step_for_step(fused: bool):
-    """Query training's optimizer is torch.optim.Adam's update (weight decay included):
-    bitwise with the fused kernel, to rounding with the foreach fallback."""
-    from hubarches.optim import SmallAdam
+    """hubarches' optimizer is torch.optim.Adam's update (weight decay included): bitwise
+    with the fused kernel, to rounding with the foreach fallback."""
+    from hubarches.optim import Adam
 
     gen = torch.Generator().manual_seed(0)
     start = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
     ours = [torch.nn.Parameter(t.clone()) for t in start]
     theirs = [torch.nn.Parameter(t.clone()) for t in start]
     settings = {"lr": 0.05, "eps": 0.01, "weight_decay": 0.1}
-    opt_ours = SmallAdam(ours, **settings)
+    opt_ours = Adam(ours, **settings)
     opt_ours._fused = fused
     opt_theirs = torch.optim.Adam(theirs, fused=True, **settings)
     for step in range(25):
@@ -301,8 +301,8 @@ def test_small_adam_follows_torch_adam_step_for_step(fused: bool):
     assert ours[1].data.ne(start[1]).all()
 
 
-def test_query_training_does_not_import_torch_dynamo():
-    """Building torch.optim.Adam imports torch._dynamo (~1 s); a query run must not pay it."""
+def test_training_does_not_import_torch_dynamo():
+    """Building torch.optim.Adam imports torch._dynamo (~1 s); training must not pay it."""
     import subprocess
     import sys
 
@@ -320,6 +320,10 @@ def test_query_training_does_not_import_torch_dynamo():
         "x = np.random.default_rng(0).poisson(2.0, (40, 30)).astype('float32') + 1\n"
         "train_query(ext, CountMatrix.from_matrix(x), np.full((40, 1), 2),\n"
         "            options=TrainOptions(epochs=1, batch_size=8))\n"
+        "from hubarches.train import train_reference\n"
+        "train_reference(build_model(ModelConfig(n_genes=30, covariate_sizes=(2,))),\n"
+        "                CountMatrix.from_matrix(x), np.zeros((40, 1), dtype=int),\n"
+        "                options=TrainOptions(epochs=1, batch_size=8))\n"
         "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
