@@ -16,6 +16,10 @@ the backward pass. With ``ρ = softmax(a)``, ``μ = l·ρ``, ``t = θ + μ``, ``
 ``C`` is left out of the fused part: it involves only the nonzero entries of ``x``, so
 :func:`nonzero_log_gamma` evaluates it on those alone — and when ``θ`` is frozen (query
 training) it is a per-cell constant, computed once for the whole query.
+
+The core runs in C on float32 CPU tensors where :mod:`hubarches.native` is built, else as
+PyTorch operations (compiled for long runs). :class:`HeadsCountNLL` wraps it together with
+the decoder's two gene-wide heads as one autograd node.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ COMPILE_ENV = "HUBARCHES_COMPILE"
 training decides by its length (:data:`COMPILE_MIN_STEPS`)."""
 COMPILE_MIN_STEPS = 5_000
 """Optimizer steps from which compiling pays: the first compilation on a machine takes
-~20 s (later ones ~4 s, from torch's on-disk cache) and saves a few ms per step."""
+~10-20 s (later ones ~1-4 s, from torch's on-disk cache) and saves a few ms per step. On
+the CPU the C core (:mod:`hubarches.native`) comes first where it is built, so this matters
+only without it, or on a GPU."""
 
 
 def elementwise_core(
