@@ -85,6 +85,22 @@ def test_resolve(registry, make_bundle):
     assert registry.list_atlases() == ["org/atlas", "org/other"]
 
 
+def test_a_damaged_version_does_not_hide_the_others_from_a_digest_lookup(
+    registry, make_bundle
+):
+    src, _ = make_bundle()
+    v1 = registry.publish(src, "org/atlas")
+    v2 = registry.publish(src, "org/atlas")
+    v3 = registry.publish(src, "org/atlas")
+    manifest = registry.version_path(v2) / "manifest.json"
+    manifest.chmod(0o644)
+    manifest.write_text("{ not json")
+    assert registry.resolve(parse_ref(f"org/atlas@sha256:{v1.digest}")) == v1
+    assert registry.resolve(parse_ref(f"org/atlas@sha256:{v3.digest}")) == v3
+    with pytest.raises(VersionNotFound):
+        registry.resolve(parse_ref(f"org/atlas@sha256:{'0' * 64}"))
+
+
 def test_unknown_atlas_lists_what_exists(registry, make_bundle):
     src, _ = make_bundle()
     registry.publish(src, "org/atlas")

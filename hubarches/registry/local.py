@@ -27,6 +27,7 @@ from hubarches.bundle import (
     move_into_place,
 )
 from hubarches.errors import (
+    BundleError,
     PushError,
     ReferenceNotFound,
     VersionExistsError,
@@ -153,7 +154,14 @@ class LocalRegistry:
         """Resolve a reference to a version: the latest, a number, or a manifest digest."""
         holders = self._numbers(spec.name)
         if spec.digest is not None:
-            for info in self.list_versions(spec.name):
+            # A version whose manifest cannot be read cannot have the digest asked for; it
+            # must not hide the others (loading it by number still reports the damage).
+            for number in sorted(holders):
+                try:
+                    info = self._info(spec.name, number, holders[number])
+                except (BundleError, OSError) as err:
+                    logger.warning("skipping %s@%d in a digest lookup: %s", spec.name, number, err)
+                    continue
                 if info.digest == spec.digest:
                     return info
             self._raise_missing(spec.name, f"sha256:{spec.digest}", holders)
