@@ -85,9 +85,7 @@ def test_resolve(registry, make_bundle):
     assert registry.list_atlases() == ["org/atlas", "org/other"]
 
 
-def test_a_damaged_version_does_not_hide_the_others_from_a_digest_lookup(
-    registry, make_bundle
-):
+def test_a_damaged_version_does_not_hide_the_others_from_a_digest_lookup(registry, make_bundle):
     src, _ = make_bundle()
     v1 = registry.publish(src, "org/atlas")
     v2 = registry.publish(src, "org/atlas")
