@@ -245,6 +245,19 @@ def test_bad_manifests_are_never_pushed_or_pulled(
     assert snapshot(isolated_env.cache) == cache_before
 
 
+def test_a_damaged_version_does_not_hide_the_others_from_a_digest_lookup(
+    hub, registry, pushed, make_bundle
+):
+    v1, v2 = pushed
+    src, _ = make_bundle(seed=7)
+    spoil_manifest(src, "unknown-field")
+    plant(hub, src, 3)  # the highest tag, read first, and unreadable
+    assert registry.resolve(parse_ref(f"{ATLAS}@sha256:{v1.digest}")) == v1
+    assert registry.resolve(parse_ref(f"{ATLAS}@sha256:{v2.digest}")) == v2
+    with pytest.raises(VersionNotFound):
+        registry.resolve(parse_ref(f"{ATLAS}@sha256:{'0' * 64}"))
+
+
 # --- access ---------------------------------------------------------------------------------
 
 

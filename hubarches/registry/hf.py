@@ -48,6 +48,7 @@ from huggingface_hub.hf_api import RepoFile
 from hubarches._version import __version__
 from hubarches.bundle import check_tensor_files, restamp_bundle, verify_bundle
 from hubarches.errors import (
+    BundleError,
     HubarchesError,
     ManifestError,
     PushError,
@@ -349,7 +350,11 @@ class HubRegistry:
             return self._info(name, spec.version, tags[spec.version])
         if spec.digest is not None:
             for version in sorted(tags, reverse=True):
-                info = self._info(name, version, tags[version])
+                try:
+                    info = self._info(name, version, tags[version])
+                except BundleError as err:  # an unreadable manifest cannot have that digest
+                    logger.warning("skipping %s@%d in a digest lookup: %s", name, version, err)
+                    continue
                 if info.digest == spec.digest:
                     return info
             raise VersionNotFound(name, f"sha256:{spec.digest}", available=sorted(tags))
