@@ -1,13 +1,15 @@
-/* The likelihood's elementwise core in one pass over each cell: hubarches._fastcore.
+/* The C helpers of training and embedding: hubarches._fastcore.
  *
- * The same arithmetic as hubarches.fastlik.elementwise_core (its docstring has the
+ * core: the same arithmetic as hubarches.fastlik.elementwise_core (its docstring has the
  * equations), for float32 CPU tensors: the per-cell negative log-likelihood without the
  * log-gamma terms and its gradients with respect to the softmax logits a, the ZINB dropout
  * logits p and log θ. PyTorch evaluates that core as some forty separate passes over the
  * cells × genes arrays; here each cell's row is read once for its maximum and once for
  * everything else, the transcendental functions are vectorised (glibc's libmvec, where it
- * exists), and cells are spread over OpenMP threads. The module is optional: without a C
- * compiler at install time hubarches uses the PyTorch version.
+ * exists), and cells are spread over OpenMP threads.
+ * densify: dense rows (and/or their log1p) of a CSR matrix.
+ * theta_lgamma: the NB log-gamma terms of CSR rows, and their gradient in θ.
+ * The module is optional: without a C compiler at install time hubarches uses PyTorch.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -65,14 +67,16 @@ static inline __attribute__((always_inline)) float count_terms(
         const float lin = w + xg * (shift + a[g] - log_t);
         float q = 1.0f, llg = lin;
         if (zinb) {
-            /* softplus and the logistic function of one argument share exp(-|.|). */
+            /* softplus and the logistic function of one argument share e = exp(-|.|) in
+             * (0, 1]; log(1 + e) there is within 6e-8 of log1p(e) and libmvec's logf is
+             * several times faster than its log1pf. */
             const float pg = p[g];
             const float e_p = expf(-fabsf(pg));
-            const float sp_neg = (pg < 0.0f ? -pg : 0.0f) + log1pf(e_p); /* softplus(-p) */
+            const float sp_neg = (pg < 0.0f ? -pg : 0.0f) + logf(1.0f + e_p); /* softplus(-p) */
             const float sig_p = (pg >= 0.0f ? 1.0f : e_p) / (1.0f + e_p);
             const float y = w - pg;
             const float e_y = expf(-fabsf(y));
-            const float sp_y = (y > 0.0f ? y : 0.0f) + log1pf(e_y);
+            const float sp_y = (y > 0.0f ? y : 0.0f) + logf(1.0f + e_y);
             const float sig_y = (y >= 0.0f ? 1.0f : e_y) / (1.0f + e_y);
             const int nz = xg > 0.0f;
             llg = nz ? lin - pg - sp_neg : sp_y - sp_neg;
@@ -203,44 +207,118 @@ static PyObject *core(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* --- rows of a CSR matrix, read in place ------------------------------------------------- */
+
+typedef struct {
+    Py_ssize_t n_rows, n_cols;
+    const void *indptr, *indices;
+    int indptr_64, indices_64;
+    const float *data, *theta;
+    const int64_t *rows; /* NULL: rows 0..n_rows-1 */
+} CsrRows;
+
+/* Fill ``m`` from the addresses a Python caller passed (see hubarches.native). */
+static void set_csr(CsrRows *m, Py_ssize_t indptr, Py_ssize_t indices, Py_ssize_t data,
+                    Py_ssize_t rows, Py_ssize_t theta) {
+    m->indptr = as_pointer(indptr);
+    m->indices = as_pointer(indices);
+    m->data = as_pointer(data);
+    m->rows = as_pointer(rows);
+    m->theta = as_pointer(theta);
+}
+
+static inline void row_span(const CsrRows *m, Py_ssize_t i, int64_t *first, int64_t *last) {
+    const int64_t r = m->rows ? m->rows[i] : (int64_t)i;
+    if (m->indptr_64) {
+        *first = ((const int64_t *)m->indptr)[r];
+        *last = ((const int64_t *)m->indptr)[r + 1];
+    } else {
+        *first = ((const int32_t *)m->indptr)[r];
+        *last = ((const int32_t *)m->indptr)[r + 1];
+    }
+}
+
+static inline int64_t column(const CsrRows *m, int64_t k) {
+    return m->indices_64 ? ((const int64_t *)m->indices)[k] : ((const int32_t *)m->indices)[k];
+}
+
 /* --- dense rows of a CSR matrix (a minibatch) --------------------------------------------- */
 
+/* Row i of the output: the counts (``dst``) and/or their log1p (``dst_log``), zero elsewhere.
+ * log1p is vectorised over the row's stored values (in ``scratch``) before they are scattered.
+ * Returns the number of column indices outside the matrix (refused, never written). */
+HA_CLONES
+static int64_t densify_row(const CsrRows *m, Py_ssize_t i, float *restrict dst,
+                           float *restrict dst_log, float *restrict scratch) {
+    const Py_ssize_t G = m->n_cols;
+    int64_t first, last, bad = 0;
+    row_span(m, i, &first, &last);
+    if (dst)
+        for (Py_ssize_t g = 0; g < G; g++) dst[g] = 0.0f;
+    if (dst_log)
+        for (Py_ssize_t g = 0; g < G; g++) dst_log[g] = 0.0f;
+    const float *restrict values = m->data + first;
+    const int64_t n = last - first;
+    for (int64_t start = 0; start < n; start += G) { /* G at a time: scratch holds G */
+        const int64_t len = n - start < G ? n - start : G;
+        if (dst_log) {
+#pragma omp simd
+            for (int64_t k = 0; k < len; k++) scratch[k] = log1pf(values[start + k]);
+        }
+        for (int64_t k = 0; k < len; k++) {
+            const int64_t j = column(m, first + start + k);
+            if ((uint64_t)j >= (uint64_t)G) {
+                bad++;
+                continue;
+            }
+            /* duplicates add up, as in scipy (log1p is of each stored value) */
+            if (dst) dst[j] += values[start + k];
+            if (dst_log) dst_log[j] += scratch[k];
+        }
+    }
+    return bad;
+}
+
 PyDoc_STRVAR(densify_doc,
-             "densify(n_rows, n_cols, indptr, indptr_64, indices, indices_64, data, rows, out)\n\n"
-             "Write the CSR rows ``rows`` (int64) of a float32 matrix densely into ``out``.");
+             "densify(n_rows, n_cols, indptr, indptr_64, indices, indices_64, data, rows, out,"
+             " out_log, n_threads)\n\n"
+             "Write the CSR rows ``rows`` (int64; 0 for rows 0..n_rows-1) of a float32 matrix\n"
+             "densely into ``out`` and/or their log1p into ``out_log`` (0 for neither).");
 
 static PyObject *densify(PyObject *self, PyObject *args) {
-    Py_ssize_t n_rows, n_cols, indptr, indices, data, rows, out;
-    int indptr_64, indices_64;
+    CsrRows m;
+    Py_ssize_t indptr, indices, data, rows, out, out_log;
+    int n_threads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnnininnn", &n_rows, &n_cols, &indptr, &indptr_64, &indices,
-                          &indices_64, &data, &rows, &out))
+    if (!PyArg_ParseTuple(args, "nnnininnnni", &m.n_rows, &m.n_cols, &indptr, &m.indptr_64,
+                          &indices, &m.indices_64, &data, &rows, &out, &out_log, &n_threads))
         return NULL;
-    if (n_rows < 0 || n_cols < 1 || !indptr || !indices || !data || !rows || !out) {
+    if (m.n_rows < 0 || m.n_cols < 1 || !indptr || !indices || !data || (!out && !out_log)) {
         PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastcore.densify");
         return NULL;
     }
-    const int64_t *row = as_pointer(rows);
-    const float *values = as_pointer(data);
-    float *dense = as_pointer(out);
-    const int32_t *ptr32 = as_pointer(indptr), *idx32 = as_pointer(indices);
-    const int64_t *ptr64 = as_pointer(indptr), *idx64 = as_pointer(indices);
-    int64_t bad = 0; /* column indices outside the matrix: refused, never written */
-    Py_BEGIN_ALLOW_THREADS for (Py_ssize_t i = 0; i < n_rows; i++) {
-        float *dst = dense + i * n_cols;
-        for (Py_ssize_t g = 0; g < n_cols; g++) dst[g] = 0.0f;
-        const int64_t r = row[i];
-        const int64_t first = indptr_64 ? ptr64[r] : ptr32[r];
-        const int64_t last = indptr_64 ? ptr64[r + 1] : ptr32[r + 1];
-        for (int64_t k = first; k < last; k++) {
-            const int64_t j = indices_64 ? idx64[k] : idx32[k];
-            if ((uint64_t)j < (uint64_t)n_cols)
-                dst[j] += values[k];
-            else
-                bad++;
+    set_csr(&m, indptr, indices, data, rows, 0);
+    float *dense = as_pointer(out), *dense_log = as_pointer(out_log);
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > m.n_rows) n_threads = (int)(m.n_rows > 0 ? m.n_rows : 1);
+    int64_t bad = 0;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel num_threads(n_threads) reduction(+ : bad) reduction(| : failed)
+    {
+        float *scratch = dense_log ? malloc(sizeof(float) * (size_t)m.n_cols) : NULL;
+        if (dense_log && !scratch) {
+            failed = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (Py_ssize_t i = 0; i < m.n_rows; i++)
+                bad += densify_row(&m, i, dense ? dense + i * m.n_cols : NULL,
+                                   dense_log ? dense_log + i * m.n_cols : NULL, scratch);
         }
+        free(scratch);
     }
-    Py_END_ALLOW_THREADS if (bad) {
+    Py_END_ALLOW_THREADS if (failed) return PyErr_NoMemory();
+    if (bad) {
         PyErr_Format(PyExc_ValueError, "%lld column indices lie outside the matrix",
                      (long long)bad);
         return NULL;
@@ -248,8 +326,245 @@ static PyObject *densify(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* --- the log-gamma terms of the NB likelihood on a minibatch's nonzero counts ------------ */
+
+/* Per cell, Σ over its nonzero counts x_g of log Γ(x_g + θ_g) − log Γ(θ_g), with θ per gene;
+ * backward, Σ_cells w_i Σ_g [ψ(x + θ_g) − ψ(θ_g)] per gene. Integer counts up to LG_TABLE read
+ * a per-call table Σ_{j<c} log(θ_g + j) (and Σ_{j<c} 1/(θ_g + j)); other counts are evaluated
+ * in double precision. Rows come straight from the CSR matrix, so no coordinate lists. */
+#define LG_TABLE 32
+
+static double lgamma_pos(double z) { /* log Γ(z), z > 0: shift to z ≥ 8, then Stirling */
+    double prod = 1.0;
+    while (z < 8.0) {
+        prod *= z;
+        z += 1.0;
+    }
+    const double f = 1.0 / (z * z);
+    const double series =
+        (1.0 / 12.0 - f * (1.0 / 360.0 - f * (1.0 / 1260.0 - f * (1.0 / 1680.0)))) / z;
+    return (z - 0.5) * log(z) - z + 0.91893853320467274178 + series - log(prod);
+}
+
+static double digamma_pos(double z) { /* ψ(z), z > 0 */
+    double shift = 0.0;
+    while (z < 8.0) {
+        shift -= 1.0 / z;
+        z += 1.0;
+    }
+    const double f = 1.0 / (z * z);
+    return shift + log(z) - 0.5 / z -
+           f * (1.0 / 12.0 - f * (1.0 / 120.0 - f * (1.0 / 252.0 - f * (1.0 / 240.0))));
+}
+
+/* Rows of the table: c = 0..LG_TABLE, then a row of zeros that counts off the table read, so
+ * that the main loops are plain gathers; a second pass adds those counts' terms. */
+#define LG_ROWS (LG_TABLE + 2)
+
+/* table[c * G + g] = Σ_{j<c} term(θ_g + j) for c = 0..LG_TABLE, term a logarithm or a
+ * reciprocal: float terms (vectorised over genes) summed in double; the last row is 0.
+ * ``acc`` is G doubles of scratch. Called by every thread of a parallel region; returns
+ * after all have finished. */
+HA_CLONES
+static void build_table(const float *restrict theta, Py_ssize_t G, int reciprocal,
+                        float *restrict table, double *restrict acc) {
+#pragma omp for schedule(static)
+    for (Py_ssize_t g = 0; g < G; g++) {
+        acc[g] = 0.0;
+        table[g] = 0.0f;
+        table[(Py_ssize_t)(LG_ROWS - 1) * G + g] = 0.0f;
+    }
+    /* the same static schedule: each thread keeps its own genes in every pass */
+    for (int c = 1; c <= LG_TABLE; c++) {
+        float *restrict row = table + (Py_ssize_t)c * G;
+        const float shift = (float)(c - 1);
+        if (reciprocal) {
+#pragma omp for simd schedule(static) nowait
+            for (Py_ssize_t g = 0; g < G; g++) {
+                acc[g] += 1.0f / (theta[g] + shift);
+                row[g] = (float)acc[g];
+            }
+        } else {
+#pragma omp for simd schedule(static) nowait
+            for (Py_ssize_t g = 0; g < G; g++) {
+                acc[g] += logf(theta[g] + shift);
+                row[g] = (float)acc[g];
+            }
+        }
+    }
+#pragma omp barrier
+}
+
+/* The table row of a count: c for integers 0..LG_TABLE, else the zero row; branch-free. */
+static inline int table_slot(float x) {
+    const float clamped = x < 0.0f ? (float)(LG_ROWS - 1) : (x > (float)LG_TABLE ? (float)(LG_ROWS - 1) : x);
+    const int c = (int)clamped;
+    return (float)c == x ? c : LG_ROWS - 1;
+}
+
+/* A count off the table: the table at c = min(⌊x⌋, LG_TABLE) plus f(x+θ) − f(c+θ), in double,
+ * f = log Γ or ψ. */
+static double off_table(const float *table, Py_ssize_t G, int64_t g, float x, float th,
+                        int reciprocal) {
+    int c = x >= (float)LG_TABLE ? LG_TABLE : (int)x;
+    if (c < 0) c = 0;
+    const double hi = (double)x + (double)th, lo = (double)c + (double)th;
+    const double step =
+        reciprocal ? digamma_pos(hi) - digamma_pos(lo) : lgamma_pos(hi) - lgamma_pos(lo);
+    return (double)table[(Py_ssize_t)c * G + g] + step;
+}
+
+#define LG_OFF_MAX 256 /* off-table counts of a row remembered; more take a second scan */
+
+/* One row's stored counts: the table terms summed (``own`` NULL) or added, weighted by w, to
+ * ``own`` per gene (the gradient); then the off-table counts, remembered in the first scan.
+ * ``wide`` (64-bit column indices) and ``grad`` are constants at each call site. */
+static inline __attribute__((always_inline)) double row_pass(
+    const CsrRows *m, Py_ssize_t i, const float *restrict table, double w,
+    double *restrict own, int64_t *n_bad, const int wide, const int grad) {
+    const Py_ssize_t G = m->n_cols;
+    int64_t first, last;
+    row_span(m, i, &first, &last);
+    const float *restrict data = m->data;
+    const int64_t *restrict idx64 = (const int64_t *)m->indices;
+    const int32_t *restrict idx32 = (const int32_t *)m->indices;
+    float s0 = 0.0f, s1 = 0.0f;
+    int64_t off[LG_OFF_MAX];
+    int n_off = 0, overflow = 0;
+    int64_t bad = 0; /* column indices outside the matrix: counted, read as column 0 */
+    for (int64_t k = first; k < last; k++) {
+        const int64_t j = wide ? idx64[k] : (int64_t)idx32[k];
+        const int inside = (uint64_t)j < (uint64_t)G;
+        bad += !inside;
+        const int64_t g = inside ? j : 0;
+        const int c = table_slot(data[k]);
+        if (c == LG_ROWS - 1) {
+            if (n_off < LG_OFF_MAX)
+                off[n_off++] = k;
+            else
+                overflow = 1;
+        }
+        const float term = table[(Py_ssize_t)c * G + g];
+        if (grad) {
+            own[g] += w * term;
+        } else {
+            s0 += term;
+            const float t = s0; /* two chains: halves the add latency */
+            s0 = s1;
+            s1 = t;
+        }
+    }
+    *n_bad += bad;
+    double sum = (double)s0 + (double)s1;
+    if (bad) return sum;
+    /* counts off the table: those remembered, then (rarely) any beyond the first LG_OFF_MAX */
+    int seen = 0;
+    for (int64_t q = 0, k; q < (overflow ? last - first + n_off : n_off); q++) {
+        if (q < n_off) {
+            k = off[q];
+        } else {
+            k = first + (q - n_off);
+            if (table_slot(data[k]) != LG_ROWS - 1 || seen++ < LG_OFF_MAX) continue;
+        }
+        const int64_t g = wide ? idx64[k] : (int64_t)idx32[k];
+        const double term = off_table(table, G, g, data[k], m->theta[g], grad);
+        if (grad)
+            own[g] += w * term;
+        else
+            sum += term;
+    }
+    return sum;
+}
+
+HA_CLONES
+static double row_terms(const CsrRows *m, Py_ssize_t i, const float *restrict table, double w,
+                        double *restrict own, int64_t *n_bad) {
+    if (m->indices_64)
+        return own ? row_pass(m, i, table, w, own, n_bad, 1, 1)
+                   : row_pass(m, i, table, w, own, n_bad, 1, 0);
+    return own ? row_pass(m, i, table, w, own, n_bad, 0, 1)
+               : row_pass(m, i, table, w, own, n_bad, 0, 0);
+}
+
+/* Returns 0, 1 when out of memory, 2 when a column index lies outside the matrix. */
+static int theta_lgamma_run(const CsrRows *m, const float *weights, float *out, int n_threads) {
+    const Py_ssize_t G = m->n_cols;
+    const int grad = weights != NULL;
+    float *table = malloc(sizeof(float) * (size_t)G * LG_ROWS);
+    double *acc = malloc(sizeof(double) * (size_t)G);
+    double *sums = grad ? calloc((size_t)G * (size_t)n_threads, sizeof(double)) : NULL;
+    if (!table || !acc || (grad && !sums)) {
+        free(table);
+        free(acc);
+        free(sums);
+        return 1;
+    }
+    int64_t n_bad = 0;
+#pragma omp parallel num_threads(n_threads) reduction(+ : n_bad)
+    {
+        build_table(m->theta, G, grad, table, acc);
+#ifdef _OPENMP
+        double *own = grad ? sums + (size_t)G * (size_t)omp_get_thread_num() : NULL;
+#else
+        double *own = sums;
+#endif
+#pragma omp for schedule(static)
+        for (Py_ssize_t i = 0; i < m->n_rows; i++) {
+            const double sum =
+                row_terms(m, i, table, grad ? (double)weights[i] : 0.0, own, &n_bad);
+            if (!grad) out[i] = (float)sum;
+        }
+        if (grad) {
+#pragma omp for schedule(static)
+            for (Py_ssize_t g = 0; g < G; g++) {
+                double total = 0.0;
+                for (int t = 0; t < n_threads; t++) total += sums[(size_t)t * (size_t)G + g];
+                out[g] = (float)total;
+            }
+        }
+    }
+    free(table);
+    free(acc);
+    free(sums);
+    return n_bad ? 2 : 0;
+}
+
+PyDoc_STRVAR(theta_lgamma_doc,
+             "theta_lgamma(n_rows, n_cols, indptr, indptr_64, indices, indices_64, data, rows,"
+             " theta, weights, out, n_threads)\n\n"
+             "With weights 0: out[i] = Σ log Γ(x+θ) − log Γ(θ) over row i's stored counts.\n"
+             "Otherwise: out[g] = Σ_i weights[i] Σ ψ(x+θ_g) − ψ(θ_g) (the gradient in θ).\n"
+             "rows (int64) may be 0 for rows 0..n_rows-1.");
+
+static PyObject *theta_lgamma(PyObject *self, PyObject *args) {
+    CsrRows m;
+    Py_ssize_t indptr, indices, data, rows, theta, weights, out;
+    int n_threads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nnnininnnnni", &m.n_rows, &m.n_cols, &indptr, &m.indptr_64,
+                          &indices, &m.indices_64, &data, &rows, &theta, &weights, &out,
+                          &n_threads))
+        return NULL;
+    if (m.n_rows < 0 || m.n_cols < 1 || !indptr || !indices || !data || !theta || !out) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastcore.theta_lgamma");
+        return NULL;
+    }
+    set_csr(&m, indptr, indices, data, rows, theta);
+    if (n_threads < 1) n_threads = 1;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS failed = theta_lgamma_run(&m, as_pointer(weights), as_pointer(out),
+                                                     n_threads);
+    Py_END_ALLOW_THREADS if (failed == 2) {
+        PyErr_SetString(PyExc_ValueError, "column indices lie outside the matrix");
+        return NULL;
+    }
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {{"core", core, METH_VARARGS, core_doc},
                                 {"densify", densify, METH_VARARGS, densify_doc},
+                                {"theta_lgamma", theta_lgamma, METH_VARARGS, theta_lgamma_doc},
                                 {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastcore",

@@ -19,6 +19,7 @@ import torch
 
 from hubarches import native
 from hubarches.errors import ModelError
+from hubarches.fastlik import CsrRows, nonzero_coordinates
 from hubarches.model import CVAE
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "Minibatch",
     "StreamedCounts",
     "embed_matrix",
+    "nonzero_coordinates",
     "pick_device",
 ]
 
@@ -46,16 +48,6 @@ def pick_device(device: str | torch.device | None = "auto") -> torch.device:
     return torch.device(device)
 
 
-def nonzero_coordinates(csr: sp.csr_matrix) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(rows, cols, values)`` of a CSR matrix's stored entries, as tensors."""
-    rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
-    return (
-        torch.from_numpy(rows),
-        torch.from_numpy(csr.indices.astype(np.int64)),
-        torch.from_numpy(np.asarray(csr.data, dtype=np.float32)),
-    )
-
-
 class Minibatch:
     """Dense counts of a few cells; ``(rows, cols, values)`` of their nonzero entries on demand.
 
@@ -69,12 +61,14 @@ class Minibatch:
         *,
         csr: sp.csr_matrix | Callable[[], sp.csr_matrix] | None = None,
         nonzero: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        stored: CsrRows | None = None,
     ) -> None:
         if csr is None and nonzero is None:
             raise ModelError("a minibatch needs its CSR rows or its nonzero coordinates")
         self.x = x
         self._csr = csr  # or a function that cuts them out, called only when needed
         self._nonzero = nonzero
+        self._stored = stored
 
     @classmethod
     def from_csr(cls, sub: sp.csr_matrix) -> Minibatch:
@@ -90,12 +84,24 @@ class Minibatch:
             self._nonzero = nonzero_coordinates(csr)
         return self._nonzero
 
+    def stored_counts(
+        self,
+    ) -> CsrRows | Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The nonzero counts for the likelihood, as the model's ``nonzero`` argument takes them.
+
+        Rows of the source CSR matrix where the C log-gamma pass can read them in place,
+        else a function that builds coordinates.
+        """
+        if self._stored is not None and self.x.device.type == "cpu":
+            return self._stored
+        return lambda: self.nonzero
+
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Minibatch:
         """The same batch on ``device``, counts as ``dtype``."""
         if device.type == "cpu" and dtype == self.x.dtype:
             return self
         if self._nonzero is None and device.type == "cpu":
-            return Minibatch(self.x.to(dtype), csr=self._csr)
+            return Minibatch(self.x.to(dtype), csr=self._csr, stored=self._stored)
         rows, cols, vals = self.nonzero
         return Minibatch(
             self.x.to(device, dtype),
@@ -187,7 +193,7 @@ class CountMatrix:
         dense = native.dense_rows(self.csr, rows)
         if dense is None:
             return Minibatch.from_csr(self.csr[rows])
-        return Minibatch(dense, csr=lambda: self.csr[rows])
+        return Minibatch(dense, csr=lambda: self.csr[rows], stored=CsrRows(self.csr, rows))
 
     def row_block(self, start: int, stop: int) -> CountMatrix:
         """Rows ``start:stop`` as a view on this matrix's arrays (no copy of the counts)."""
@@ -208,6 +214,13 @@ class CountMatrix:
         ``buffer`` of at least ``n_cells`` rows the result is written there (and shares its
         memory), which spares a fresh, page-faulting allocation per block.
         """
+        out = (
+            torch.empty(self.shape, dtype=torch.float32)
+            if buffer is None
+            else torch.from_numpy(buffer[: self.n_cells])
+        )
+        if native.dense_log1p(self.csr, out):  # one parallel pass in C
+            return out
         logged = sp.csr_matrix(
             (
                 torch.log1p(torch.from_numpy(self.csr.data)).numpy(),
@@ -219,10 +232,10 @@ class CountMatrix:
         )
         if buffer is None:
             return torch.from_numpy(logged.toarray())
-        out = buffer[: self.n_cells]
-        out.fill(0.0)  # scipy adds into ``out``
-        logged.toarray(out=out)
-        return torch.from_numpy(out)
+        dense = buffer[: self.n_cells]
+        dense.fill(0.0)  # scipy adds into ``out``
+        logged.toarray(out=dense)
+        return torch.from_numpy(dense)
 
     def blocks(self, size: int) -> Iterator[tuple[int, CountMatrix]]:
         """Consecutive row blocks covering the matrix (views, not copies)."""

@@ -27,8 +27,11 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 
 from hubarches import native
@@ -37,14 +40,17 @@ from hubarches.errors import warn
 __all__ = [
     "COMPILE_ENV",
     "COMPILE_MIN_STEPS",
+    "CsrRows",
     "HeadsCountNLL",
     "compile_wanted",
     "compiled",
     "count_nll",
     "elementwise_core",
     "log_factorial",
+    "nonzero_coordinates",
     "nonzero_log_gamma",
     "row_sums",
+    "stored_log_gamma",
 ]
 
 COMPILE_ENV = "HUBARCHES_COMPILE"
@@ -265,6 +271,85 @@ def _theta_log_gamma(
         )
         terms = terms.index_add_(0, off, correction)  # in place: the gather keeps no output
     return terms
+
+
+def nonzero_coordinates(csr: sp.csr_matrix) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, cols, values)`` of a CSR matrix's stored entries, as tensors."""
+    rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
+    return (
+        torch.from_numpy(rows),
+        torch.from_numpy(csr.indices.astype(np.int64)),
+        torch.from_numpy(np.asarray(csr.data, dtype=np.float32)),
+    )
+
+
+@dataclass(frozen=True)
+class CsrRows:
+    """A minibatch's stored counts as rows of a CSR matrix (all rows, in order, if None).
+
+    The C log-gamma pass reads them in place; :meth:`coordinates` gives the coordinate
+    lists that the PyTorch path needs.
+    """
+
+    csr: sp.csr_matrix
+    rows: np.ndarray | None = None
+
+    @property
+    def n_rows(self) -> int:
+        """Number of cells in the minibatch."""
+        return self.csr.shape[0] if self.rows is None else len(self.rows)
+
+    def coordinates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, cols, values)`` of the stored counts, rows numbered within the batch."""
+        return nonzero_coordinates(self.csr if self.rows is None else self.csr[self.rows])
+
+
+class _CsrThetaLogGamma(torch.autograd.Function):
+    """Per cell ``Σ log Γ(x+θ) − log Γ(θ)`` over its stored counts, in C, differentiable in θ."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, theta: torch.Tensor, stored: CsrRows
+    ) -> torch.Tensor:
+        """One pass over the stored counts (θ per gene, float32 on the CPU)."""
+        theta = theta.detach().contiguous()
+        ctx.save_for_backward(theta)
+        ctx.stored = stored
+        return native.theta_log_gamma(stored.csr, stored.rows, theta)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None]:
+        """``Σ_i grad_i Σ ψ(x+θ_g) − ψ(θ_g)`` per gene."""
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        (theta,) = ctx.saved_tensors
+        stored = ctx.stored
+        weights = grad.detach().float().contiguous()
+        return native.theta_log_gamma_grad(stored.csr, stored.rows, theta, weights), None
+
+
+def stored_log_gamma(
+    theta: torch.Tensor | None, stored: CsrRows, *, factorial: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """:func:`nonzero_log_gamma` read in C straight from the CSR rows; None where it cannot.
+
+    Takes θ per gene (or None, Poisson) as a float32 CPU vector, and a CSR matrix that
+    :func:`hubarches.native.csr_supported` accepts.
+    """
+    if not native.csr_supported(stored.csr):
+        return None
+    if theta is not None and (
+        theta.dim() != 1 or theta.device.type != "cpu" or theta.dtype != torch.float32
+    ):
+        return None
+    if factorial is None:  # Σ log Γ(x+1) is the same pass with θ = 1
+        ones = torch.ones(stored.csr.shape[1], dtype=torch.float32)
+        factorial = native.theta_log_gamma(stored.csr, stored.rows, ones)
+    if theta is None:
+        return -factorial
+    return _CsrThetaLogGamma.apply(theta, stored) - factorial
 
 
 def row_sums(values: torch.Tensor, rows: torch.Tensor, n_cells: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 
 from hubarches.config import ModelConfig
 from hubarches.errors import ModelError, WeightsError
-from hubarches.fastlik import count_nll, nonzero_log_gamma
+from hubarches.fastlik import CsrRows, count_nll, nonzero_log_gamma, stored_log_gamma
 from hubarches.likelihoods import log_nb, log_poisson, log_zinb
 from hubarches.nn import MLP, CovariateWeight
 
@@ -45,10 +45,14 @@ Coordinates = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """``(rows, cols, values)`` of a minibatch's nonzero counts."""
 
 
-def _coordinates(
-    x: torch.Tensor, given: Coordinates | Callable[[], Coordinates] | None
-) -> Coordinates:
+Stored = Coordinates | CsrRows | Callable[[], Coordinates]
+"""A minibatch's nonzero counts: coordinates, CSR rows, or a function giving coordinates."""
+
+
+def _coordinates(x: torch.Tensor, given: Stored | None) -> Coordinates:
     """The nonzero coordinates of ``x``: those given (or given by a function), else found."""
+    if isinstance(given, CsrRows):
+        return given.coordinates()
     if callable(given):
         return given()
     if given is not None:
@@ -227,7 +231,7 @@ class CVAE(nn.Module):
         first_expression: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         log_gamma: torch.Tensor | None = None,
-        nonzero: Coordinates | Callable[[], Coordinates] | None = None,
+        nonzero: Stored | None = None,
         factorial: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         log_library: torch.Tensor | None = None,
@@ -235,8 +239,9 @@ class CVAE(nn.Module):
         """Per-cell reconstruction loss and KL divergence of a minibatch of counts.
 
         The likelihood runs through :mod:`hubarches.fastlik`. Its log-gamma terms live on
-        the nonzero counts: pass them as ``nonzero = (rows, cols, values)``, or a function
-        that gives them when needed (found from ``x`` otherwise), with the per-cell data
+        the nonzero counts: pass them as ``nonzero = (rows, cols, values)``, as the batch's
+        rows of a CSR matrix (:class:`~hubarches.fastlik.CsrRows`, read in C), or a function
+        that gives coordinates when needed (found from ``x`` otherwise), with the per-cell data
         constant ``factorial`` (Σ log Γ(x+1)) if it was computed beforehand; or, when the
         dispersion is frozen, as the per-cell constant ``log_gamma`` computed once. Equal,
         to float rounding, to :meth:`plain_loss`.
@@ -259,9 +264,12 @@ class CVAE(nn.Module):
         )
         if log_gamma is None:
             theta = None if log_theta is None else torch.exp(log_theta)
-            log_gamma = nonzero_log_gamma(
-                theta, *_coordinates(x, nonzero), n_cells=x.shape[0], factorial=factorial
-            )
+            if isinstance(nonzero, CsrRows):  # read in place, in C, where it can be
+                log_gamma = stored_log_gamma(theta, nonzero, factorial=factorial)
+            if log_gamma is None:
+                log_gamma = nonzero_log_gamma(
+                    theta, *_coordinates(x, nonzero), n_cells=x.shape[0], factorial=factorial
+                )
         return LossTerms(reconstruction=nll - log_gamma, kl=kl)
 
     def plain_loss(

@@ -1,10 +1,16 @@
-"""The optional C implementation of the likelihood's elementwise core (``hubarches._fastcore``).
+"""The optional C helpers of training and embedding (``hubarches._fastcore``).
 
-:func:`hubarches.fastlik.elementwise_core` evaluated by PyTorch is some forty passes over the
-cells × genes arrays; the C version reads each cell's row twice and vectorises the
-logarithms and exponentials, which makes a query step about twice as fast on the CPU. It is
-built at install time when a C compiler is present and used for float32 CPU tensors; set
-``HUBARCHES_NATIVE=0`` to use PyTorch's version instead (the results agree to float rounding).
+* The likelihood's elementwise core: :func:`hubarches.fastlik.elementwise_core` evaluated by
+  PyTorch is some forty passes over the cells × genes arrays; the C version reads each
+  cell's row twice and vectorises the logarithms and exponentials.
+* Dense rows (and their log1p) of a CSR matrix, in one parallel pass: minibatches and the
+  encoder's input.
+* The NB log-gamma terms ``Σ log Γ(x+θ) − log Γ(θ)`` and their θ-gradient read straight from
+  a minibatch's CSR rows, small counts from a per-step table: reference training no longer
+  builds coordinate lists, gathers and scatters per nonzero count.
+
+Built at install time when a C compiler is present and used for float32 CPU tensors; set
+``HUBARCHES_NATIVE=0`` to use PyTorch's versions instead (the results agree to float rounding).
 """
 
 from __future__ import annotations
@@ -15,7 +21,17 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-__all__ = ["NATIVE_ENV", "available", "dense_rows", "native_core", "supports"]
+__all__ = [
+    "NATIVE_ENV",
+    "available",
+    "csr_supported",
+    "dense_log1p",
+    "dense_rows",
+    "native_core",
+    "supports",
+    "theta_log_gamma",
+    "theta_log_gamma_grad",
+]
 
 NATIVE_ENV = "HUBARCHES_NATIVE"
 """``0`` turns the C core off; anything else (or unset) uses it where it is built."""
@@ -124,35 +140,125 @@ def native_core(
 _INDEX_TYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 
-def dense_rows(csr: sp.csr_matrix, rows: np.ndarray) -> torch.Tensor | None:
-    """Rows ``rows`` of a float32 CSR matrix as a dense tensor, or None where unsupported.
-
-    Skips scipy's intermediate CSR of the selected rows: a minibatch is formed in one pass.
-    Row numbers are checked here; column indices outside the matrix are refused in C.
-    """
+def csr_supported(csr: sp.csr_matrix) -> bool:
+    """Whether the C functions can read this CSR matrix as it is (float32, int32/64 indices)."""
     if not available() or csr.data.dtype != np.float32 or csr.shape[1] < 1:
-        return None
+        return False
     if csr.indptr.dtype not in _INDEX_TYPES or csr.indices.dtype not in _INDEX_TYPES:
-        return None
-    arrays = (csr.data, csr.indices, csr.indptr)
-    if not all(a.flags.c_contiguous for a in arrays):
-        return None
+        return False
+    return all(a.flags.c_contiguous for a in (csr.data, csr.indices, csr.indptr))
+
+
+def _checked_rows(csr: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
+    """``rows`` as contiguous int64, refusing numbers outside the matrix."""
     picked = np.ascontiguousarray(rows, dtype=np.int64)
     if picked.size and (picked.min() < 0 or picked.max() >= csr.shape[0]):
         raise IndexError(f"row numbers outside 0..{csr.shape[0] - 1}")
-    out = torch.empty(len(picked), csr.shape[1], dtype=torch.float32)
-    if not len(picked):
-        return out
-    assert _fastcore is not None
-    _fastcore.densify(
-        len(picked),
+    return picked
+
+
+def _csr_arguments(csr: sp.csr_matrix, rows: np.ndarray | None) -> tuple[int, ...]:
+    """How the C functions take CSR rows: sizes, array addresses and index widths."""
+    return (
+        csr.shape[0] if rows is None else len(rows),
         csr.shape[1],
         csr.indptr.ctypes.data,
         int(csr.indptr.dtype == np.int64),
         csr.indices.ctypes.data,
         int(csr.indices.dtype == np.int64),
         csr.data.ctypes.data,
-        picked.ctypes.data,
-        out.data_ptr(),
+        0 if rows is None else rows.ctypes.data,
     )
+
+
+def _densify(
+    csr: sp.csr_matrix,
+    rows: np.ndarray | None,
+    out: torch.Tensor | None,
+    out_log: torch.Tensor | None,
+) -> None:
+    """One call of the C densify: counts into ``out`` and/or log1p into ``out_log``."""
+    assert _fastcore is not None
+    if (csr.shape[0] if rows is None else len(rows)) == 0:
+        return
+    _fastcore.densify(
+        *_csr_arguments(csr, rows),
+        0 if out is None else out.data_ptr(),
+        0 if out_log is None else out_log.data_ptr(),
+        torch.get_num_threads(),
+    )
+
+
+def dense_rows(csr: sp.csr_matrix, rows: np.ndarray) -> torch.Tensor | None:
+    """Rows ``rows`` of a float32 CSR matrix as a dense tensor, or None where unsupported.
+
+    Skips scipy's intermediate CSR of the selected rows: a minibatch is formed in one pass.
+    Row numbers are checked here; column indices outside the matrix are refused in C.
+    """
+    if not csr_supported(csr):
+        return None
+    picked = _checked_rows(csr, rows)
+    out = torch.empty(len(picked), csr.shape[1], dtype=torch.float32)
+    _densify(csr, picked, out, None)
+    return out
+
+
+def dense_log1p(csr: sp.csr_matrix, out: torch.Tensor) -> bool:
+    """``log1p`` of every row of a float32 CSR matrix, written densely into ``out``.
+
+    False (nothing written) where the C functions cannot read ``csr`` or write ``out``.
+    """
+    if not csr_supported(csr) or not _contiguous(out):
+        return False
+    if tuple(out.shape) != (csr.shape[0], csr.shape[1]):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {csr.shape}")
+    _densify(csr, None, None, out)
+    return True
+
+
+def _theta_lgamma_call(
+    csr: sp.csr_matrix,
+    rows: np.ndarray | None,
+    theta: torch.Tensor,
+    weights: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """One call of the C log-gamma pass; ``rows`` None means every row, in order."""
+    assert _fastcore is not None
+    if tuple(theta.shape) != (csr.shape[1],) or not _contiguous(theta):
+        raise ValueError(f"θ must be a contiguous float32 CPU vector of {csr.shape[1]} genes")
+    picked = None if rows is None else _checked_rows(csr, rows)
+    _fastcore.theta_lgamma(
+        *_csr_arguments(csr, picked),
+        theta.data_ptr(),
+        0 if weights is None else weights.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+
+
+def theta_log_gamma(
+    csr: sp.csr_matrix, rows: np.ndarray | None, theta: torch.Tensor
+) -> torch.Tensor:
+    """Per row, ``Σ log Γ(x+θ_g) − log Γ(θ_g)`` over its stored counts (θ per gene).
+
+    Call only where :func:`csr_supported`; ``rows`` None takes every row in order.
+    """
+    n_rows = csr.shape[0] if rows is None else len(rows)
+    out = torch.empty(n_rows, dtype=torch.float32)
+    if n_rows:
+        _theta_lgamma_call(csr, rows, theta, None, out)
+    return out
+
+
+def theta_log_gamma_grad(
+    csr: sp.csr_matrix, rows: np.ndarray | None, theta: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Per gene, ``Σ_i w_i Σ ψ(x_ig+θ_g) − ψ(θ_g)``: the θ-gradient of ``Σ_i w_i`` × the above."""
+    n_rows = csr.shape[0] if rows is None else len(rows)
+    if not _contiguous(weights) or tuple(weights.shape) != (n_rows,):
+        raise ValueError(f"weights must be a contiguous float32 CPU vector of {n_rows} rows")
+    out = torch.zeros(csr.shape[1], dtype=torch.float32)
+    if n_rows:
+        _theta_lgamma_call(csr, rows, theta, weights, out)
     return out

@@ -19,7 +19,13 @@ import torch
 from hubarches.batching import Counts, Minibatch, nonzero_coordinates, pick_device
 from hubarches.config import QUERY_DEFAULTS, TrainOptions, default_epochs
 from hubarches.errors import ModelError, SurgeryError, TrainingError
-from hubarches.fastlik import compile_wanted, compiled, nonzero_log_gamma
+from hubarches.fastlik import (
+    CsrRows,
+    compile_wanted,
+    compiled,
+    nonzero_log_gamma,
+    stored_log_gamma,
+)
 from hubarches.model import CVAE, LossTerms
 from hubarches.optim import Adam
 from hubarches.surgery import freeze_reference, new_parameters
@@ -265,7 +271,7 @@ def train_reference(
             batch.x,
             codes_t[rows].to(device),
             generator=generator,
-            nonzero=lambda: batch.nonzero,  # built only where a step needs them
+            nonzero=batch.stored_counts(),
             factorial=factorial[index],
             log_library=log_library[index],
         )
@@ -347,12 +353,13 @@ def frozen_log_gamma(
     with torch.no_grad():
         for start, part in counts.blocks(block):
             stop = start + part.n_cells
-            rows, cols, values = (t.to(device) for t in nonzero_coordinates(part.csr))
             log_theta = model.log_dispersion(codes[start:stop].to(device))
             theta = None if log_theta is None else torch.exp(log_theta)
-            out[start:stop] = nonzero_log_gamma(
-                theta, rows, cols, values.to(dtype), n_cells=part.n_cells
-            )
+            value = stored_log_gamma(theta, CsrRows(part.csr)) if device.type == "cpu" else None
+            if value is None:
+                rows, cols, values = (t.to(device) for t in nonzero_coordinates(part.csr))
+                value = nonzero_log_gamma(theta, rows, cols, values.to(dtype), n_cells=part.n_cells)
+            out[start:stop] = value
     return out
 
 
@@ -397,7 +404,7 @@ def train_query(
             first_expression=first_expression[index],
             generator=generator,
             log_gamma=None if log_gamma is None else log_gamma[index],
-            nonzero=lambda: batch.nonzero,
+            nonzero=batch.stored_counts(),
             log_library=log_library[index],
         )
 

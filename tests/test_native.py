@@ -64,3 +64,88 @@ def test_minibatches_are_the_same_with_and_without_the_c_code(
     assert torch.equal(fast.x, plain.x)
     for a, b in zip(fast.nonzero, plain.nonzero, strict=True):
         assert torch.equal(a, b)
+
+
+# --- the log-gamma terms on CSR rows ------------------------------------------------------
+
+
+def _lgamma_matrix(index_dtype: type) -> sp.csr_matrix:
+    """Counts on and off the C table: small, above it (up to 5,000) and non-integer."""
+    csr = _matrix(index_dtype)
+    csr.data[::7] = 40.0
+    csr.data[3::11] = 5_000.0
+    csr.data[5::13] = 2.5
+    return csr
+
+
+def _plain_log_gamma(csr: sp.csr_matrix, rows: np.ndarray, theta: torch.Tensor) -> torch.Tensor:
+    """Σ log Γ(x+θ) − log Γ(θ) per row, in float64 through torch.lgamma."""
+    sub = csr[rows].tocoo()
+    th = theta[torch.from_numpy(sub.col.astype(np.int64))]
+    values = torch.from_numpy(sub.data.astype(np.float64))
+    terms = torch.lgamma(values + th) - torch.lgamma(th)
+    return torch.zeros(len(rows), dtype=torch.float64).index_add(
+        0, torch.from_numpy(sub.row.astype(np.int64)), terms
+    )
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_theta_log_gamma_and_its_gradient_equal_lgamma(index_dtype: type) -> None:
+    csr = _lgamma_matrix(index_dtype)
+    assert (csr.data > 32).any()
+    assert (csr.data != np.round(csr.data)).any()
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.exp(torch.randn(33, generator=gen, dtype=torch.float64) * 2)
+    rows = np.array([5, 3, 39, 0, 5, 17, 22])  # unsorted, repeated, empty rows
+    th = theta.clone().requires_grad_()
+    plain = _plain_log_gamma(csr, rows, th)
+    fast = native.theta_log_gamma(csr, rows, theta.float())
+    torch.testing.assert_close(fast.double(), plain.detach(), rtol=1e-6, atol=1e-3)
+    weights = torch.randn(len(rows), generator=gen)
+    (expected,) = torch.autograd.grad((plain * weights.double()).sum(), th)
+    got = native.theta_log_gamma_grad(csr, rows, theta.float(), weights)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+    every = native.theta_log_gamma(csr, None, theta.float())  # rows None: all, in order
+    torch.testing.assert_close(
+        every.double(), _plain_log_gamma(csr, np.arange(40), theta), rtol=1e-6, atol=1e-3
+    )
+
+
+def test_theta_log_gamma_refuses_columns_outside_the_matrix() -> None:
+    bad = _matrix(np.int32)
+    bad.indices[bad.indptr[1]] = 33
+    theta = torch.ones(33)
+    with pytest.raises(ValueError, match="outside the matrix"):
+        native.theta_log_gamma(bad, np.array([1]), theta)
+    with pytest.raises(ValueError, match="outside the matrix"):
+        native.theta_log_gamma_grad(bad, np.array([0, 1]), theta, torch.ones(2))
+    with pytest.raises(ValueError, match="θ must be"):
+        native.theta_log_gamma(_matrix(np.int32), np.array([1]), torch.ones(32))
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_dense_log1p_equals_scipys(index_dtype: type) -> None:
+    csr = _lgamma_matrix(index_dtype)
+    out = torch.full((40, 33), 7.0)  # stale contents are overwritten
+    assert native.dense_log1p(csr, out)
+    np.testing.assert_allclose(out.numpy(), np.log1p(csr.toarray()), rtol=1e-6, atol=0)
+    counts = CountMatrix.from_matrix(csr)
+    buffer = np.full((50, 33), 3.0, dtype=np.float32)
+    np.testing.assert_allclose(counts.dense_log1p(buffer).numpy(), out.numpy(), rtol=0, atol=0)
+
+
+def test_theta_log_gamma_takes_rows_with_many_large_counts() -> None:
+    """A row with more off-table counts than the C pass remembers takes a second scan."""
+    rng = np.random.default_rng(1)
+    dense = rng.integers(33, 400, (3, 700)).astype(np.float32)  # every count off the table
+    dense[1, ::2] = 3.0
+    csr = sp.csr_matrix(dense)
+    theta = torch.from_numpy(rng.uniform(0.1, 20, 700))
+    rows = np.array([0, 1, 2])
+    th = theta.clone().requires_grad_()
+    plain = _plain_log_gamma(csr, rows, th)
+    fast = native.theta_log_gamma(csr, rows, theta.float())
+    torch.testing.assert_close(fast.double(), plain.detach(), rtol=1e-6, atol=1e-2)
+    (expected,) = torch.autograd.grad(plain.sum(), th)
+    got = native.theta_log_gamma_grad(csr, rows, theta.float(), torch.ones(3))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
