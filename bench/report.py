@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common import SIZES, steady_epoch
+from common import SIZES, fastest_epoch, steady_epoch
 
 # Issue 8's targets.
 MAPPING_SPEEDUP = 10.0  # surgery + query training + embedding, against scvi-tools
@@ -182,6 +182,14 @@ def floor_lines(
         )
         if p:
             line += f"; scvi-tools {_s(p)} = {p / f['floor_s']:.1f}×"
+        hf, pf = fastest_epoch(hub[epochs]), peer and fastest_epoch(peer[epochs])
+        if hf:
+            line += (
+                f". Fastest epoch (the least disturbed by other load): hubarches {_s(hf)} = "
+                f"{hf / f['floor_s']:.1f}×"
+            )
+            if pf:
+                line += f", scvi-tools {_s(pf)} = {pf / f['floor_s']:.1f}×"
         rows.append(line + ".")
     rows.append(
         "  Terms (per cell): "
