@@ -122,19 +122,21 @@ def device_option(f: F) -> F:
 def open_registry(registry: str | None, *, quiet: bool = False) -> Registry:
     """Open the registry an option names; keep the Hub client's bars off when ours are.
 
-    A local registry that names an existing file is refused: it would otherwise read as an
-    empty registry (every lookup falling through to the demo atlases) and fail only on push.
+    A local registry that names an existing file is refused, naming the option or variable
+    that said so (:func:`~hubarches.registry.select.get_registry` refuses it too).
     """
     from hubarches.registry.local import LocalRegistry
-    from hubarches.registry.select import ENV_REGISTRY, get_registry
+    from hubarches.registry.select import ENV_REGISTRY, get_registry, names_hub
 
-    reg = get_registry(registry)
-    if isinstance(reg, LocalRegistry) and reg.root.exists() and not reg.root.is_dir():
+    value = registry if registry is not None else os.environ.get(ENV_REGISTRY)
+    if value and not names_hub(value) and Path(value).expanduser().is_file():
         source = "--registry" if registry is not None else f"${ENV_REGISTRY}"
         raise RegistryError(
-            f"{source} names {reg.root}, which is a file, not a directory",
+            f"{source} names {Path(value).expanduser().absolute()}, which is a file, not a "
+            "directory",
             hint="Name a directory (created on the first push), 'hf' or 'hf://HOST'",
         )
+    reg = get_registry(registry)  # refuses a file named by the default too
     if not isinstance(reg, LocalRegistry) and not render.progress_enabled(
         quiet=quiet, stream=sys.stderr
     ):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
+import types
 import uuid
 
 import pytest
@@ -25,6 +27,7 @@ from hubarches.errors import (
     PushError,
     ReferenceNotFound,
     RegistryAccessError,
+    RegistryError,
     RegistryOfflineError,
     VersionExistsError,
     VersionNotFound,
@@ -218,8 +221,7 @@ def test_a_pickle_served_by_the_hub_is_never_cached(
             pull(ref, registry)
         with pytest.raises(WeightsError, match="never unpickles"):
             hubarches.load_reference(ref, registry)
-    assert [p for p in snapshot(isolated_env.cache) if p not in before] == ["tmp"]
-    assert list((isolated_env.cache / "tmp").iterdir()) == []
+    assert [p for p in snapshot(isolated_env.cache) if p not in before] == []  # nothing left
     assert cached_versions(ATLAS, registry=registry) == []
     assert not marker.exists()
 
@@ -445,6 +447,22 @@ def test_an_unreachable_endpoint_still_serves_pinned_cached_versions(hub, regist
     with pytest.raises(RegistryOfflineError) as exc:
         pull(ATLAS, again)
     assert exc.value.cached == [1]
+
+
+def test_listing_an_unreachable_endpoint_fails_at_once(hub, monkeypatch):
+    """No retries with back-off (~23 s) when the endpoint does not answer at all."""
+    import huggingface_hub.utils._http as hf_http
+
+    hub.stop()
+
+    waits: list[float] = []  # recorded, not raised: the listing turns any error into its own
+    clock = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time) if n[0] != "_"})
+    clock.sleep = waits.append  # the client's module alone, not the process's time.sleep
+    monkeypatch.setattr(hf_http, "time", clock)
+    with pytest.raises(RegistryError, match="could not list the atlases") as exc:
+        HubRegistry(hub.endpoint).list_atlases()
+    assert "HF_ENDPOINT" in (exc.value.hint or "")
+    assert waits == []  # no retries with back-off
 
 
 # --- selection ------------------------------------------------------------------------------

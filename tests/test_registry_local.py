@@ -27,6 +27,7 @@ from hubarches.errors import (
     PushError,
     ReferenceNotFound,
     ReferenceStringError,
+    RegistryError,
     VersionExistsError,
     VersionNotFound,
     WeightsError,
@@ -148,7 +149,7 @@ def test_pushing_to_an_existing_version_is_refused(registry, make_bundle):
     assert _tree(registry.root / "org") == before
     assert registry.publish(src, "org/atlas", version=5).version == 5
     assert registry.publish(src, "org/atlas").version == 6
-    assert list((registry.root / TEMP_DIR).iterdir()) == []
+    assert not (registry.root / TEMP_DIR).exists()  # work in progress leaves nothing
 
 
 def test_explicit_version_race_is_version_exists(registry, make_bundle, monkeypatch):
@@ -161,7 +162,7 @@ def test_explicit_version_race_is_version_exists(registry, make_bundle, monkeypa
     monkeypatch.undo()
     assert registry.list_versions("org/atlas") == [other]
     verify_bundle(registry.version_path(other), expected_digest=other.digest)
-    assert list((registry.root / TEMP_DIR).iterdir()) == []
+    assert not (registry.root / TEMP_DIR).exists()  # work in progress leaves nothing
 
 
 def test_push_of_a_tampered_bundle_writes_nothing(registry, make_bundle):
@@ -172,7 +173,7 @@ def test_push_of_a_tampered_bundle_writes_nothing(registry, make_bundle):
     with pytest.raises(IntegrityError, match=WEIGHTS_FILE):
         registry.publish(src, "org/atlas")
     assert registry.list_atlases() == []
-    assert list((registry.root / TEMP_DIR).iterdir()) == []
+    assert not (registry.root / TEMP_DIR).exists()  # work in progress leaves nothing
 
 
 def test_listing_ignores_temp_dirs_and_strays(registry, make_bundle):
@@ -228,6 +229,18 @@ def test_read_only_fallback(tmp_path, make_bundle):
 
 
 # --- choosing a registry ----------------------------------------------------------------------
+
+
+def test_get_registry_refuses_a_file(tmp_path, monkeypatch):
+    """A file would read as an empty registry and fail only on push: refused at once."""
+    plain = tmp_path / "registry.txt"
+    plain.write_text("not a registry")
+    with pytest.raises(RegistryError, match="is a file, not a directory"):
+        get_registry(plain)
+    monkeypatch.setenv("HUBARCHES_REGISTRY", str(plain))
+    with pytest.raises(RegistryError, match="is a file, not a directory"):
+        get_registry()
+    assert plain.read_text() == "not a registry"
 
 
 def test_get_registry_from_argument_env_and_default(tmp_path, isolated_env, monkeypatch):
@@ -376,7 +389,7 @@ def test_concurrent_pushes_get_distinct_versions(registry, make_bundle, tmp_path
     for info in listed:
         m = verify_bundle(registry.version_path(info), expected_digest=info.digest)
         assert m.version == info.version
-    assert list((registry.root / TEMP_DIR).iterdir()) == []
+    assert not (registry.root / TEMP_DIR).exists()  # work in progress leaves nothing
 
 
 def test_push_killed_midway_leaves_no_version(registry, make_bundle, tmp_path):

@@ -31,6 +31,7 @@ from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationDelete,
     HfApi,
+    get_session,
     hf_hub_download,
     snapshot_download,
 )
@@ -44,6 +45,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import build_hf_headers
 
 from hubarches._version import __version__
 from hubarches.bundle import check_tensor_files, restamp_bundle, verify_bundle
@@ -73,6 +75,8 @@ MAX_PUSH_ATTEMPTS = 5
 CONFLICT_STATUSES = frozenset({409, 412})
 """Answers by which the Hub refuses a stale ``parent_commit`` or an existing tag."""
 ACCESS_STATUSES = frozenset({401, 403})
+PROBE_TIMEOUT_S = 10.0
+"""Seconds the one-request reachability check before a listing waits for the endpoint."""
 BRANCH = "main"
 _TAG_RE = re.compile(r"^v([1-9][0-9]*)$")
 
@@ -164,6 +168,7 @@ class HubRegistry:
                 if p.name.startswith("models--") and any(p.glob(f"snapshots/*/{MANIFEST_FILE}"))
             )
         try:
+            self._probe()
             return sorted(m.id for m in self._api.list_models(filter=HUB_LIBRARY))
         except Exception as err:
             if _status(err) in ACCESS_STATUSES:
@@ -172,6 +177,21 @@ class HubRegistry:
                 f"could not list the atlases on {self.location}",
                 hint="Check your network and HF_ENDPOINT, or name the atlas directly",
             ) from err
+
+    def _probe(self) -> None:
+        """One request, without retries, so that an unreachable endpoint fails at once.
+
+        The client's listing retries connection errors with back-off (about 23 s in all);
+        that suits a flaky link, not a Hub that is down or an endpoint that is mistyped.
+        """
+        get_session().get(
+            f"{self._endpoint}/api/models",
+            params={"filter": HUB_LIBRARY, "limit": 1},
+            headers=build_hf_headers(
+                token=self._token, library_name=HUB_LIBRARY, library_version=__version__
+            ),
+            timeout=PROBE_TIMEOUT_S,
+        )
 
     def list_versions(self, name: str) -> list[VersionInfo]:
         """Every tagged version of an atlas, ascending (offline: the cached ones)."""

@@ -25,6 +25,7 @@ from hubarches.bundle import (
     finish_bundle,
     make_temp_dir,
     move_into_place,
+    remove_if_empty,
 )
 from hubarches.errors import (
     BundleError,
@@ -231,3 +232,4 @@ class LocalRegistry:
             raise PushError(f"could not find a free version of {name} to publish")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            remove_if_empty(temp_root)

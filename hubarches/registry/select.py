@@ -13,6 +13,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from hubarches.errors import RegistryError
 from hubarches.registry import Registry
 from hubarches.registry.local import LocalRegistry
 
@@ -22,6 +23,7 @@ __all__ = [
     "demo_registry",
     "demo_registry_path",
     "get_registry",
+    "names_hub",
     "parse_hf_endpoint",
 ]
 
@@ -73,7 +75,8 @@ def parse_hf_endpoint(value: str) -> str | None:
     return "https://" + rest.rstrip("/")
 
 
-def _is_hf(value: str) -> bool:
+def names_hub(value: str) -> bool:
+    """Whether a registry string means the Hugging Face Hub (``hf`` or ``hf://...``)."""
     return value == "hf" or value.startswith(HF_SCHEME)
 
 
@@ -81,15 +84,22 @@ def get_registry(registry: str | os.PathLike[str] | Registry | None = None) -> R
     """Open the registry an argument names; None means ``HUBARCHES_REGISTRY`` or the default.
 
     Local registries read through to the demo atlases; a registry object passes through.
+    A path to an existing file is refused: it would read as an empty registry (every lookup
+    falling through to the demo atlases) and fail only on push.
     """
     if registry is None:
         registry = os.environ.get(ENV_REGISTRY) or default_registry_path()
-    if isinstance(registry, str) and _is_hf(registry):
+    if isinstance(registry, str) and names_hub(registry):
         from hubarches.registry.hf import HubRegistry  # only when the Hub is asked for
 
         return HubRegistry(endpoint=parse_hf_endpoint(registry))
     if isinstance(registry, (str, os.PathLike)):
         root = Path(registry).expanduser()
+        if root.exists() and not root.is_dir():
+            raise RegistryError(
+                f"the registry {root} is a file, not a directory",
+                hint="Name a directory (created on the first push), 'hf' or 'hf://HOST'",
+            )
         demo = demo_registry()
         if demo is not None and demo.root.resolve() == root.resolve():
             demo = None  # the demo folder itself, named explicitly (e.g. to build it)
