@@ -13,6 +13,7 @@ visible. torch is imported lazily: listing and publishing need no torch.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -67,6 +68,7 @@ __all__ = [
     "move_into_place",
     "read_bundle_manifest",
     "read_tensors",
+    "remove_if_empty",
     "restamp_bundle",
     "verify_bundle",
     "write_bundle",
@@ -328,17 +330,23 @@ def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, what: str) ->
 def make_temp_dir(parent: Path, *, prefix: str) -> Path:
     """Create a fresh directory in ``parent`` named ``<prefix>.tmp-<host>-<pid>-<random>``."""
     parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
     host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
     while True:
+        parent.mkdir(parents=True, exist_ok=True)
         path = parent / f"{prefix}{_TEMP_MARK}{host}-{os.getpid()}-{secrets.token_hex(6)}"
         try:
             # Not tempfile.mkdtemp: its 0700 would make a published version unreadable to
             # the other users of a shared registry; mkdir applies the user's umask instead.
             path.mkdir(mode=0o777)
-        except FileExistsError:
+        except (FileExistsError, FileNotFoundError):  # taken, or ``parent`` just removed
             continue
         return path
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` when nothing is left in it (others' work in progress keeps it)."""
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def _writer_is_gone(name: str) -> bool:

@@ -30,6 +30,7 @@ from hubarches.bundle import (
     clean_stale_temp_dirs,
     make_temp_dir,
     move_into_place,
+    remove_if_empty,
     verify_bundle,
 )
 from hubarches.errors import (
@@ -171,6 +172,7 @@ def _evict(root: Path, entry: Path) -> None:
     with contextlib.suppress(FileNotFoundError):  # someone else evicted it first
         entry.rename(trash / "bundle")
     shutil.rmtree(trash, ignore_errors=True)
+    remove_if_empty(root / TEMP_DIR)
 
 
 def _check_cached(entry: Path, info: VersionInfo) -> tuple[Manifest | None, BundleError | None]:
@@ -251,3 +253,4 @@ def _fetch(reg: Registry, info: VersionInfo, root: Path, entry: Path) -> Manifes
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_empty(temp_root)
