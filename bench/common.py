@@ -68,6 +68,22 @@ def peak_rss_mb() -> float:
 # --- clocks ---------------------------------------------------------------------------------
 
 
+EMBED_REPEATS = ("ref_embed_2", "ref_embed_3")
+"""Phases that embed the reference cells again, after everything else: with the first
+embedding they give a best-of-three throughput, free of one-time warm-up."""
+
+
+def embed_passes(run: dict[str, Any]) -> list[float]:
+    """Seconds of each of a run's reference embeddings: the first pass, then the repeats."""
+    return [run["phases"][p]["s"] for p in ("ref_embed", *EMBED_REPEATS) if p in run["phases"]]
+
+
+def best_embed_s(run: dict[str, Any]) -> float | None:
+    """The fastest of a run's reference embeddings, in seconds."""
+    times = embed_passes(run)
+    return min(times) if times else None
+
+
 @dataclass
 class Phases:
     """Wall-clock seconds per named phase, with the load other processes put on the machine."""

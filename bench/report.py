@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common import SIZES, fastest_epoch, steady_epoch
+from common import SIZES, best_embed_s, embed_passes, fastest_epoch, steady_epoch
 
 # Issue 8's targets.
 MAPPING_SPEEDUP = 10.0  # surgery + query training + embedding, against scvi-tools
@@ -89,6 +89,18 @@ def timing_table(hub: dict[str, Any], peer: dict[str, Any] | None) -> list[str]:
             _phase(hub, "ref_embed"),
             _phase(peer, "ref_embed"),
             d["n_ref"],
+        ),
+        *(
+            [
+                _row(
+                    f"reference embedding, best of {len(embed_passes(hub))} passes",
+                    best_embed_s(hub),
+                    peer and best_embed_s(peer),
+                    d["n_ref"],
+                )
+            ]
+            if len(embed_passes(hub)) > 1
+            else []
         ),
         _row("gene alignment", _phase(hub, "align"), _phase(peer, "align")),
         _row("surgery", _phase(hub, "surgery"), _phase(peer, "surgery")),
@@ -243,12 +255,14 @@ def targets(runs: dict[str, Any], load: dict[str, Any] | None, threads: int) -> 
             f"{multiple:.1f}× | {_verdict(multiple <= FLOOR_MULTIPLE)} |"
         )
         n = hub["data"]["n_ref"]
-        rate = n / hub["phases"]["ref_embed"]["s"]
+        rate = n / (best_embed_s(hub) or hub["phases"]["ref_embed"]["s"])
         note = "" if threads == 2 else f" (run with {threads} threads, target is for 2)"
+        passes = len(embed_passes(hub))
+        best = f", best of {passes} passes" if passes > 1 else ""
         rows.append(
             f"| {size}: embedding ≥ {EMBED_CELLS_PER_S:,.0f} cells/s, 2 threads, "
             f"{hub['data']['n_genes_ref']} genes | {rate:,.0f} cells/s ({n:,} reference "
-            f"cells){note} | {_verdict(rate >= EMBED_CELLS_PER_S)} |"
+            f"cells{best}){note} | {_verdict(rate >= EMBED_CELLS_PER_S)} |"
         )
     if load is not None:
         s = load["cached_load_median_s"]
