@@ -90,18 +90,17 @@ def timing_table(hub: dict[str, Any], peer: dict[str, Any] | None) -> list[str]:
             _phase(peer, "ref_embed"),
             d["n_ref"],
         ),
-        *(
-            [
-                _row(
-                    f"reference embedding, best of {len(embed_passes(hub))} passes",
-                    best_embed_s(hub),
-                    peer and best_embed_s(peer),
-                    d["n_ref"],
-                )
-            ]
-            if len(embed_passes(hub)) > 1
-            else []
-        ),
+    ]
+    if len(embed_passes(hub)) > 1:  # runs from before the repeated passes have one
+        rows.append(
+            _row(
+                f"reference embedding, best of {len(embed_passes(hub))} passes",
+                best_embed_s(hub),
+                peer and best_embed_s(peer),
+                d["n_ref"],
+            )
+        )
+    rows += [
         _row("gene alignment", _phase(hub, "align"), _phase(peer, "align")),
         _row("surgery", _phase(hub, "surgery"), _phase(peer, "surgery")),
         _row("query training, per epoch", hq, pq, n_q_train),

@@ -230,12 +230,10 @@ class CountMatrix:
             shape=self.csr.shape,
             copy=False,
         )
-        if buffer is None:
-            return torch.from_numpy(logged.toarray())
-        dense = buffer[: self.n_cells]
+        dense = out.numpy()
         dense.fill(0.0)  # scipy adds into ``out``
         logged.toarray(out=dense)
-        return torch.from_numpy(dense)
+        return out
 
     def blocks(self, size: int) -> Iterator[tuple[int, CountMatrix]]:
         """Consecutive row blocks covering the matrix (views, not copies)."""
