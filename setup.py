@@ -1,8 +1,9 @@
-"""Build hook for the optional C core (``hubarches._fastcore``); everything else is in pyproject.
+"""Build hook for the optional C helpers (``hubarches._fastcore``, ``hubarches._fastnet``).
 
-The extension makes the likelihood's elementwise work several times faster on the CPU. It
-is optional: when it cannot be compiled (no compiler, no OpenMP), the build says so and
-hubarches runs the same computation in PyTorch.
+Everything else is in pyproject. The extensions make the likelihood's elementwise work and
+query training's small network several times faster on the CPU. They are optional: when one
+cannot be compiled (no compiler, no OpenMP), the build says so and hubarches runs the same
+computation in PyTorch.
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ class OptionalBuildExt(build_ext):
 setup(
     ext_modules=[
         Extension(
-            "hubarches._fastcore",
-            sources=["hubarches/_fastcore.c"],
+            f"hubarches.{name}",
+            sources=[f"hubarches/{name}.c"],
             libraries=[] if sys.platform == "win32" else ["m"],
             optional=True,
         )
+        for name in ("_fastcore", "_fastnet")
     ],
     cmdclass={"build_ext": OptionalBuildExt},
 )

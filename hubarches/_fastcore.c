@@ -37,175 +37,7 @@ extern float log1pf(float) __attribute__((simd("notinbranch")));
 #define HA_CLONES
 #endif
 
-enum { THETA_NONE = 0, THETA_GENE = 1, THETA_CELL = 2 };
-
-typedef struct {
-    Py_ssize_t n_cells, n_genes;
-    const float *a, *p, *x, *log_library, *theta, *log_theta;
-    Py_ssize_t a_stride, p_stride;
-    int theta_mode, zinb, want_theta;
-    float *nll, *grad_a, *grad_p, *grad_lt;
-} Core;
-
-/* The count likelihood over one cell's genes, after the softmax's first pass. ``zinb`` and
- * ``want_theta`` are constants at every call site, so each variant is a branch-free loop that
- * the compiler vectorises. Returns the cell's log-likelihood; ``ga`` gets v and ``rho`` ρ. */
-static inline __attribute__((always_inline)) float count_terms(
-    Py_ssize_t G, const float *restrict a, const float *restrict x, const float *restrict th,
-    const float *restrict lth, const float *restrict p, float lib, float inv_s, float shift,
-    float *restrict rho, float *restrict ga, float *restrict gp, float *restrict glt,
-    float *vsum_out, const int zinb, const int want_theta) {
-    float ll = 0.0f, vsum = 0.0f;
-#pragma omp simd reduction(+ : ll, vsum)
-    for (Py_ssize_t g = 0; g < G; g++) {
-        const float r = rho[g] * inv_s;
-        const float mu = lib * r;
-        const float xg = x[g];
-        const float t = th[g] + mu;
-        const float log_t = logf(t);
-        const float w = th[g] * (lth[g] - log_t);
-        const float lin = w + xg * (shift + a[g] - log_t);
-        float q = 1.0f, llg = lin;
-        if (zinb) {
-            /* softplus and the logistic function of one argument share e = exp(-|.|) in
-             * (0, 1]; log(1 + e) there is within 6e-8 of log1p(e) and libmvec's logf is
-             * several times faster than its log1pf. */
-            const float pg = p[g];
-            const float e_p = expf(-fabsf(pg));
-            const float sp_neg = (pg < 0.0f ? -pg : 0.0f) + logf(1.0f + e_p); /* softplus(-p) */
-            const float sig_p = (pg >= 0.0f ? 1.0f : e_p) / (1.0f + e_p);
-            const float y = w - pg;
-            const float e_y = expf(-fabsf(y));
-            const float sp_y = (y > 0.0f ? y : 0.0f) + logf(1.0f + e_y);
-            const float sig_y = (y >= 0.0f ? 1.0f : e_y) / (1.0f + e_y);
-            const int nz = xg > 0.0f;
-            llg = nz ? lin - pg - sp_neg : sp_y - sp_neg;
-            q = nz ? 1.0f : sig_y;
-            gp[g] = nz ? sig_p : sig_p + sig_y - 1.0f;
-        }
-        const float v = th[g] / t * (xg - mu * q);
-        if (want_theta) {
-            const float dw = lth[g] - log_t + mu / t;
-            glt[g] = -th[g] * (q * dw - xg / t);
-        }
-        rho[g] = r;
-        ll += llg;
-        ga[g] = v;
-        vsum += v;
-    }
-    *vsum_out = vsum;
-    return ll;
-}
-
-/* One cell; ``rho`` is scratch of n_genes floats. */
-HA_CLONES
-static void core_row(const Core *c, Py_ssize_t i, float *restrict rho) {
-    const Py_ssize_t G = c->n_genes;
-    const float *restrict a = c->a + i * c->a_stride;
-    const float *restrict x = c->x + i * G;
-    float *restrict ga = c->grad_a + i * G;
-    float m = a[0];
-#pragma omp simd reduction(max : m)
-    for (Py_ssize_t g = 1; g < G; g++) m = a[g] > m ? a[g] : m;
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (Py_ssize_t g = 0; g < G; g++) {
-        rho[g] = expf(a[g] - m);
-        s += rho[g];
-    }
-    const float log_lib = c->log_library[i];
-    const float lib = expf(log_lib);
-    const float inv_s = 1.0f / s;
-    const float shift = log_lib - m - logf(s);
-    float ll = 0.0f, vsum = 0.0f;
-    if (c->theta_mode == THETA_NONE) {
-#pragma omp simd reduction(+ : ll, vsum)
-        for (Py_ssize_t g = 0; g < G; g++) {
-            const float r = rho[g] * inv_s;
-            const float mu = lib * r;
-            const float v = x[g] - mu;
-            rho[g] = r;
-            ll += x[g] * (shift + a[g]) - mu;
-            ga[g] = v;
-            vsum += v;
-        }
-    } else {
-        const Py_ssize_t off = c->theta_mode == THETA_CELL ? i * G : 0;
-        const float *th = c->theta + off, *lth = c->log_theta + off;
-        const float *p = c->zinb ? c->p + i * c->p_stride : NULL;
-        float *gp = c->zinb ? c->grad_p + i * G : NULL;
-        float *glt = c->want_theta ? c->grad_lt + i * G : NULL;
-        if (c->zinb && c->want_theta)
-            ll = count_terms(G, a, x, th, lth, p, lib, inv_s, shift, rho, ga, gp, glt, &vsum, 1, 1);
-        else if (c->zinb)
-            ll = count_terms(G, a, x, th, lth, p, lib, inv_s, shift, rho, ga, gp, glt, &vsum, 1, 0);
-        else if (c->want_theta)
-            ll = count_terms(G, a, x, th, lth, p, lib, inv_s, shift, rho, ga, gp, glt, &vsum, 0, 1);
-        else
-            ll = count_terms(G, a, x, th, lth, p, lib, inv_s, shift, rho, ga, gp, glt, &vsum, 0, 0);
-    }
-#pragma omp simd
-    for (Py_ssize_t g = 0; g < G; g++) ga[g] = rho[g] * vsum - ga[g];
-    c->nll[i] = -ll;
-}
-
-static int run_core(const Core *c, int n_threads) {
-    int failed = 0;
-    if (n_threads < 1) n_threads = 1;
-    if (n_threads > c->n_cells) n_threads = (int)(c->n_cells > 0 ? c->n_cells : 1);
-#pragma omp parallel num_threads(n_threads) reduction(| : failed)
-    {
-        float *rho = malloc(sizeof(float) * (size_t)(c->n_genes > 0 ? c->n_genes : 1));
-        if (rho == NULL) {
-            failed = 1;
-        } else {
-#pragma omp for schedule(static)
-            for (Py_ssize_t i = 0; i < c->n_cells; i++) core_row(c, i, rho);
-            free(rho);
-        }
-    }
-    return failed;
-}
-
 static void *as_pointer(Py_ssize_t address) { return (void *)(uintptr_t)address; }
-
-PyDoc_STRVAR(core_doc,
-             "core(n_cells, n_genes, a, a_stride, p, p_stride, x, log_library, theta, log_theta,"
-             " theta_mode, zinb, want_theta, nll, grad_a, grad_p, grad_lt, n_threads)\n\n"
-             "Addresses of float32 buffers (0 for none); see hubarches.fastlik.native_core.");
-
-static PyObject *core(PyObject *self, PyObject *args) {
-    Core c;
-    Py_ssize_t a, p, x, lib, th, lth, nll, ga, gp, glt;
-    int n_threads;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "nnnnnnnnnniiinnnni", &c.n_cells, &c.n_genes, &a, &c.a_stride,
-                          &p, &c.p_stride, &x, &lib, &th, &lth, &c.theta_mode, &c.zinb,
-                          &c.want_theta, &nll, &ga, &gp, &glt, &n_threads))
-        return NULL;
-    c.a = as_pointer(a);
-    c.p = as_pointer(p);
-    c.x = as_pointer(x);
-    c.log_library = as_pointer(lib);
-    c.theta = as_pointer(th);
-    c.log_theta = as_pointer(lth);
-    c.nll = as_pointer(nll);
-    c.grad_a = as_pointer(ga);
-    c.grad_p = as_pointer(gp);
-    c.grad_lt = as_pointer(glt);
-    if (c.n_cells < 0 || c.n_genes < 1 || c.theta_mode < THETA_NONE ||
-        c.theta_mode > THETA_CELL || !c.a || !c.x || !c.log_library || !c.nll || !c.grad_a ||
-        (c.theta_mode != THETA_NONE && (!c.theta || !c.log_theta)) ||
-        (c.zinb && (c.theta_mode == THETA_NONE || !c.p || !c.grad_p)) ||
-        (c.want_theta && (c.theta_mode == THETA_NONE || !c.grad_lt))) {
-        PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastcore.core");
-        return NULL;
-    }
-    int failed;
-    Py_BEGIN_ALLOW_THREADS failed = run_core(&c, n_threads);
-    Py_END_ALLOW_THREADS if (failed) return PyErr_NoMemory();
-    Py_RETURN_NONE;
-}
 
 /* --- rows of a CSR matrix, read in place ------------------------------------------------- */
 
@@ -277,6 +109,222 @@ static int64_t densify_row(const CsrRows *m, Py_ssize_t i, float *restrict dst,
         }
     }
     return bad;
+}
+
+enum { THETA_NONE = 0, THETA_GENE = 1, THETA_CELL = 2 };
+
+typedef struct {
+    Py_ssize_t n_cells, n_genes;
+    const float *a, *p, *x, *log_library, *theta, *log_theta;
+    const float *bias_a, *bias_p; /* added to each row of a and p; zeros when not given */
+    const CsrRows *csr;           /* the counts as CSR rows, where x is NULL */
+    Py_ssize_t a_stride, p_stride;
+    int theta_mode, zinb, want_theta;
+    float *nll, *grad_a, *grad_p, *grad_lt;
+} Core;
+
+/* The count likelihood over one cell's genes, after the softmax's first pass. ``zinb`` and
+ * ``want_theta`` are constants at every call site, so each variant is a branch-free loop that
+ * the compiler vectorises. Returns the cell's log-likelihood; ``ga`` gets v and ``rho`` ρ. */
+static inline __attribute__((always_inline)) float count_terms(
+    Py_ssize_t G, const float *restrict a, const float *restrict ba, const float *restrict x,
+    const float *restrict th, const float *restrict lth, const float *restrict p,
+    const float *restrict bp, float lib, float inv_s, float shift,
+    float *restrict rho, float *restrict ga, float *restrict gp, float *restrict glt,
+    float *vsum_out, const int zinb, const int want_theta) {
+    float ll = 0.0f, vsum = 0.0f;
+#pragma omp simd reduction(+ : ll, vsum)
+    for (Py_ssize_t g = 0; g < G; g++) {
+        const float r = rho[g] * inv_s;
+        const float mu = lib * r;
+        const float xg = x[g];
+        const float t = th[g] + mu;
+        const float log_t = logf(t);
+        const float w = th[g] * (lth[g] - log_t);
+        const float lin = w + xg * (shift + (a[g] + ba[g]) - log_t);
+        float q = 1.0f, llg = lin;
+        if (zinb) {
+            /* softplus and the logistic function of one argument share e = exp(-|.|) in
+             * (0, 1]; log(1 + e) there is within 6e-8 of log1p(e) and libmvec's logf is
+             * several times faster than its log1pf. */
+            const float pg = p[g] + bp[g];
+            const float e_p = expf(-fabsf(pg));
+            const float sp_neg = (pg < 0.0f ? -pg : 0.0f) + logf(1.0f + e_p); /* softplus(-p) */
+            const float sig_p = (pg >= 0.0f ? 1.0f : e_p) / (1.0f + e_p);
+            const float y = w - pg;
+            const float e_y = expf(-fabsf(y));
+            const float sp_y = (y > 0.0f ? y : 0.0f) + logf(1.0f + e_y);
+            const float sig_y = (y >= 0.0f ? 1.0f : e_y) / (1.0f + e_y);
+            const int nz = xg > 0.0f;
+            llg = nz ? lin - pg - sp_neg : sp_y - sp_neg;
+            q = nz ? 1.0f : sig_y;
+            gp[g] = nz ? sig_p : sig_p + sig_y - 1.0f;
+        }
+        const float v = th[g] / t * (xg - mu * q);
+        if (want_theta) {
+            const float dw = lth[g] - log_t + mu / t;
+            glt[g] = -th[g] * (q * dw - xg / t);
+        }
+        rho[g] = r;
+        ll += llg;
+        ga[g] = v;
+        vsum += v;
+    }
+    *vsum_out = vsum;
+    return ll;
+}
+
+/* One cell; ``rho`` is scratch of n_genes floats. */
+/* One cell; ``rho`` and ``xs`` are scratch of n_genes floats (``xs``: the cell's counts when
+ * they come as CSR rows, densified where the row is read). Returns the number of column
+ * indices outside the matrix, or 0. */
+HA_CLONES
+static int64_t core_row(const Core *c, Py_ssize_t i, float *restrict rho, float *restrict xs) {
+    const Py_ssize_t G = c->n_genes;
+    const float *restrict a = c->a + i * c->a_stride;
+    const float *restrict x = xs;
+    if (c->x) {
+        x = c->x + i * G;
+    } else {
+        const int64_t bad = densify_row(c->csr, i, xs, NULL, NULL);
+        if (bad) return bad;
+    }
+    float *restrict ga = c->grad_a + i * G;
+    const float *restrict ba = c->bias_a;
+    float m = a[0] + ba[0];
+#pragma omp simd reduction(max : m)
+    for (Py_ssize_t g = 1; g < G; g++) m = a[g] + ba[g] > m ? a[g] + ba[g] : m;
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (Py_ssize_t g = 0; g < G; g++) {
+        rho[g] = expf((a[g] + ba[g]) - m);
+        s += rho[g];
+    }
+    const float log_lib = c->log_library[i];
+    const float lib = expf(log_lib);
+    const float inv_s = 1.0f / s;
+    const float shift = log_lib - m - logf(s);
+    float ll = 0.0f, vsum = 0.0f;
+    if (c->theta_mode == THETA_NONE) {
+#pragma omp simd reduction(+ : ll, vsum)
+        for (Py_ssize_t g = 0; g < G; g++) {
+            const float r = rho[g] * inv_s;
+            const float mu = lib * r;
+            const float v = x[g] - mu;
+            rho[g] = r;
+            ll += x[g] * (shift + (a[g] + ba[g])) - mu;
+            ga[g] = v;
+            vsum += v;
+        }
+    } else {
+        const Py_ssize_t off = c->theta_mode == THETA_CELL ? i * G : 0;
+        const float *th = c->theta + off, *lth = c->log_theta + off;
+        const float *p = c->zinb ? c->p + i * c->p_stride : NULL;
+        float *gp = c->zinb ? c->grad_p + i * G : NULL;
+        float *glt = c->want_theta ? c->grad_lt + i * G : NULL;
+        if (c->zinb && c->want_theta)
+            ll = count_terms(G, a, ba, x, th, lth, p, c->bias_p, lib, inv_s, shift, rho, ga, gp, glt, &vsum, 1, 1);
+        else if (c->zinb)
+            ll = count_terms(G, a, ba, x, th, lth, p, c->bias_p, lib, inv_s, shift, rho, ga, gp, glt, &vsum, 1, 0);
+        else if (c->want_theta)
+            ll = count_terms(G, a, ba, x, th, lth, p, c->bias_p, lib, inv_s, shift, rho, ga, gp, glt, &vsum, 0, 1);
+        else
+            ll = count_terms(G, a, ba, x, th, lth, p, c->bias_p, lib, inv_s, shift, rho, ga, gp, glt, &vsum, 0, 0);
+    }
+#pragma omp simd
+    for (Py_ssize_t g = 0; g < G; g++) ga[g] = rho[g] * vsum - ga[g];
+    c->nll[i] = -ll;
+    return 0;
+}
+
+/* 0, 1 (out of memory) or 2 (column indices outside the matrix). */
+static int run_core(const Core *c, int n_threads) {
+    int failed = 0;
+    int64_t bad = 0;
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > c->n_cells) n_threads = (int)(c->n_cells > 0 ? c->n_cells : 1);
+#pragma omp parallel num_threads(n_threads) reduction(| : failed) reduction(+ : bad)
+    {
+        float *rho = malloc(sizeof(float) * (size_t)(2 * (c->n_genes > 0 ? c->n_genes : 1)));
+        if (rho == NULL) {
+            failed = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (Py_ssize_t i = 0; i < c->n_cells; i++) bad += core_row(c, i, rho, rho + c->n_genes);
+            free(rho);
+        }
+    }
+    return failed ? 1 : (bad ? 2 : 0);
+}
+
+
+PyDoc_STRVAR(core_doc,
+             "core(n_cells, n_genes, a, a_stride, p, p_stride, x, log_library, theta, log_theta,"
+             " theta_mode, zinb, want_theta, nll, grad_a, grad_p, grad_lt, bias_a, bias_p,"
+             " csr, n_threads)\n\n"
+             "Addresses of float32 buffers (0 for none); see hubarches.native.native_core.\n"
+             "csr: None, or the counts as CSR rows, (n_rows, n_cols, indptr, indptr_64, indices,\n"
+             "indices_64, data, rows) as densify takes them, in place of x (0).");
+
+static PyObject *core(PyObject *self, PyObject *args) {
+    Core c;
+    Py_ssize_t a, p, x, lib, th, lth, nll, ga, gp, glt, bias_a, bias_p;
+    PyObject *csr_args;
+    CsrRows csr;
+    int n_threads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnniiinnnnnnOi", &c.n_cells, &c.n_genes, &a,
+                          &c.a_stride, &p, &c.p_stride, &x, &lib, &th, &lth, &c.theta_mode,
+                          &c.zinb, &c.want_theta, &nll, &ga, &gp, &glt, &bias_a, &bias_p,
+                          &csr_args, &n_threads))
+        return NULL;
+    c.csr = NULL;
+    if (csr_args != Py_None) {
+        Py_ssize_t indptr, indices, data, rows;
+        if (!PyArg_ParseTuple(csr_args, "nnnininn", &csr.n_rows, &csr.n_cols, &indptr,
+                              &csr.indptr_64, &indices, &csr.indices_64, &data, &rows))
+            return NULL;
+        if (csr.n_rows != c.n_cells || csr.n_cols != c.n_genes || !indptr || !indices || !data) {
+            PyErr_SetString(PyExc_ValueError, "the CSR rows do not match the logits");
+            return NULL;
+        }
+        set_csr(&csr, indptr, indices, data, rows, 0);
+        c.csr = &csr;
+    }
+    c.a = as_pointer(a);
+    c.p = as_pointer(p);
+    c.x = as_pointer(x);
+    c.log_library = as_pointer(lib);
+    c.theta = as_pointer(th);
+    c.log_theta = as_pointer(lth);
+    c.nll = as_pointer(nll);
+    c.grad_a = as_pointer(ga);
+    c.grad_p = as_pointer(gp);
+    c.grad_lt = as_pointer(glt);
+    if (c.n_cells < 0 || c.n_genes < 1 || c.theta_mode < THETA_NONE ||
+        c.theta_mode > THETA_CELL || !c.a || !(c.x || c.csr) || !c.log_library || !c.nll ||
+        !c.grad_a ||
+        (c.theta_mode != THETA_NONE && (!c.theta || !c.log_theta)) ||
+        (c.zinb && (c.theta_mode == THETA_NONE || !c.p || !c.grad_p)) ||
+        (c.want_theta && (c.theta_mode == THETA_NONE || !c.grad_lt))) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastcore.core");
+        return NULL;
+    }
+    /* A missing bias is a row of zeros: the loops add one unconditionally. */
+    float *zeros = (!bias_a || (c.zinb && !bias_p)) ? calloc((size_t)c.n_genes, sizeof(float))
+                                                     : NULL;
+    if ((!bias_a || (c.zinb && !bias_p)) && !zeros) return PyErr_NoMemory();
+    c.bias_a = bias_a ? as_pointer(bias_a) : zeros;
+    c.bias_p = bias_p ? as_pointer(bias_p) : zeros;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS failed = run_core(&c, n_threads);
+    Py_END_ALLOW_THREADS free(zeros);
+    if (failed == 2) {
+        PyErr_SetString(PyExc_ValueError, "column indices lie outside the matrix");
+        return NULL;
+    }
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(densify_doc,

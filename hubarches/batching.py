@@ -57,7 +57,7 @@ class Minibatch:
 
     def __init__(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | Callable[[], torch.Tensor],
         *,
         csr: sp.csr_matrix | Callable[[], sp.csr_matrix] | None = None,
         nonzero: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -65,10 +65,24 @@ class Minibatch:
     ) -> None:
         if csr is None and nonzero is None:
             raise ModelError("a minibatch needs its CSR rows or its nonzero coordinates")
-        self.x = x
+        # Dense counts, or a function that makes them (float32, on the CPU) when first read:
+        # query training's C step reads the CSR rows and never needs them.
+        self._x = x
         self._csr = csr  # or a function that cuts them out, called only when needed
         self._nonzero = nonzero
         self._stored = stored
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The dense counts ``[n_cells, n_genes]``."""
+        if callable(self._x):
+            self._x = self._x()
+        return self._x
+
+    @property
+    def stored(self) -> CsrRows | None:
+        """The batch's rows of the source CSR matrix, where the C code can read them."""
+        return self._stored
 
     @classmethod
     def from_csr(cls, sub: sp.csr_matrix) -> Minibatch:
@@ -92,13 +106,15 @@ class Minibatch:
         Rows of the source CSR matrix where the C log-gamma pass can read them in place,
         else a function that builds coordinates.
         """
-        if self._stored is not None and self.x.device.type == "cpu":
+        if self._stored is not None and (callable(self._x) or self._x.device.type == "cpu"):
             return self._stored
         return lambda: self.nonzero
 
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Minibatch:
         """The same batch on ``device``, counts as ``dtype``."""
-        if device.type == "cpu" and dtype == self.x.dtype:
+        if device.type == "cpu" and (
+            dtype == torch.float32 if callable(self._x) else dtype == self._x.dtype
+        ):
             return self
         if self._nonzero is None and device.type == "cpu":
             return Minibatch(self.x.to(dtype), csr=self._csr, stored=self._stored)
@@ -190,10 +206,17 @@ class CountMatrix:
 
     def minibatch(self, rows: np.ndarray) -> Minibatch:
         """The given rows, dense, together with the coordinates of their nonzero counts."""
-        dense = native.dense_rows(self.csr, rows)
-        if dense is None:
+        if not native.csr_supported(self.csr):
             return Minibatch.from_csr(self.csr[rows])
-        return Minibatch(dense, csr=lambda: self.csr[rows], stored=CsrRows(self.csr, rows))
+        if len(rows) and (np.min(rows) < 0 or np.max(rows) >= self.n_cells):
+            raise IndexError(f"row numbers outside 0..{self.n_cells - 1}")
+        csr = self.csr
+
+        def dense() -> torch.Tensor:
+            out = native.dense_rows(csr, rows)  # None if the C code was turned off since
+            return torch.from_numpy(csr[rows].toarray()) if out is None else out
+
+        return Minibatch(dense, csr=lambda: csr[rows], stored=CsrRows(csr, rows))
 
     def row_block(self, start: int, stop: int) -> CountMatrix:
         """Rows ``start:stop`` as a view on this matrix's arrays (no copy of the counts)."""

@@ -93,15 +93,37 @@ def supports(
 def native_core(
     a: torch.Tensor,
     p: torch.Tensor | None,
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     log_library: torch.Tensor,
     theta: torch.Tensor | None,
     log_theta: torch.Tensor | None,
     *,
     zinb: bool,
     want_theta: bool,
+    bias_a: torch.Tensor | None = None,
+    bias_p: torch.Tensor | None = None,
+    csr: sp.csr_matrix | None = None,
+    rows: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """:func:`hubarches.fastlik.elementwise_core` in C; call only where :func:`supports`."""
+    """:func:`hubarches.fastlik.elementwise_core` in C; call only where :func:`supports`.
+
+    ``bias_a`` and ``bias_p`` (``[n_genes]``, contiguous float32), when given, are added to
+    every row of ``a`` and ``p`` first: the heads' biases, so their products need not
+    broadcast them into cells × genes arrays. With ``x`` None the counts are the ``rows``
+    of ``csr`` (all rows if None; a matrix :func:`csr_supported` takes), each densified
+    into a scratch row where it is read: a minibatch needs no dense copy.
+    """
+    for bias in (bias_a, bias_p):
+        if bias is not None and not (_contiguous(bias) and tuple(bias.shape) == (a.shape[1],)):
+            raise ValueError("a bias must be a contiguous float32 vector with one value per gene")
+    csr_args = None
+    if x is None:
+        if csr is None or not csr_supported(csr) or csr.shape[1] != a.shape[1]:
+            raise ValueError("without dense counts the core needs CSR rows it can read")
+        picked = None if rows is None else _checked_rows(csr, rows)
+        csr_args = _csr_arguments(csr, picked)
+        if csr_args[0] != a.shape[0]:
+            raise ValueError(f"{csr_args[0]} CSR rows for {a.shape[0]} cells of logits")
     assert _fastcore is not None
     n_cells, n_genes = a.shape
     poisson = theta is None or log_theta is None
@@ -132,6 +154,9 @@ def native_core(
         address(grad_a),
         address(grad_p),
         address(grad_lt),
+        address(bias_a),
+        address(bias_p),
+        csr_args,
         torch.get_num_threads(),
     )
     return nll, grad_a, grad_p, grad_lt

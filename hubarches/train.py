@@ -26,6 +26,7 @@ from hubarches.fastlik import (
     nonzero_log_gamma,
     stored_log_gamma,
 )
+from hubarches.fastnet import query_step
 from hubarches.model import CVAE, LossTerms
 from hubarches.optim import Adam
 from hubarches.surgery import freeze_reference, new_parameters
@@ -85,6 +86,9 @@ Progress = Callable[[EpochStats, int], None]
 """Called after each epoch with its statistics and the planned number of epochs."""
 
 StepLoss = Callable[[np.ndarray, Minibatch, torch.Generator], LossTerms]
+FusedStep = Callable[[np.ndarray, Minibatch, torch.Generator, float], torch.Tensor]
+"""A step that writes its gradients itself (``QueryStep``): ``(rows, batch, generator, KL
+weight) -> [loss, reconstruction, KL]``."""
 """Loss terms of a minibatch given its row indices and its counts."""
 
 
@@ -110,6 +114,7 @@ def _run(
     *,
     set_mode: Callable[[], None],
     progress: Progress | None,
+    fused: FusedStep | None = None,
 ) -> History:
     """The epoch loop shared by reference and query training, over the cells ``rows``."""
     epochs = options.epochs if options.epochs is not None else default_epochs(len(rows))
@@ -135,6 +140,7 @@ def _run(
             history=history,
             set_mode=set_mode,
             progress=progress,
+            fused=fused,
         )
     model.eval()
     return history
@@ -152,8 +158,13 @@ def _epochs(
     history: History,
     set_mode: Callable[[], None],
     progress: Progress | None,
+    fused: FusedStep | None,
 ) -> None:
-    """Run the epochs, appending to ``history``; stop early when validation stalls."""
+    """Run the epochs, appending to ``history``; stop early when validation stalls.
+
+    ``fused``, when given, computes each training step's loss and gradients in place of
+    ``step_loss`` and autograd (validation still uses ``step_loss``).
+    """
     train_rows, val_rows = split
     rng = np.random.default_rng([options.seed, 1])
     device = next(model.parameters()).device
@@ -170,14 +181,19 @@ def _epochs(
         for batch_rows, batch in counts.batches(train_rows, options.batch_size, rng):
             if len(batch_rows) < 2 and len(train_rows) > 1:
                 continue  # a one-cell batch would break batch norm and adds only noise
-            terms = step_loss(batch_rows, batch.to(device, dtype), generator)
-            loss = terms.total(kl_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                part = torch.stack([loss, terms.reconstruction.mean(), terms.kl.mean()])
-                sums += len(batch_rows) * part.double()
+            batch = batch.to(device, dtype)
+            if fused is not None:
+                part = fused(batch_rows, batch, generator, kl_weight)
+                optimizer.step()
+            else:
+                terms = step_loss(batch_rows, batch, generator)
+                loss = terms.total(kl_weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    part = torch.stack([loss, terms.reconstruction.mean(), terms.kl.mean()])
+            sums += len(batch_rows) * part.double()
             seen += len(batch_rows)
         mean = (sums / max(seen, 1)).cpu().numpy()
         if not np.all(np.isfinite(mean)):
@@ -387,6 +403,14 @@ def train_query(
     first_expression = first_layer_expression(extension, counts)
     log_gamma = frozen_log_gamma(extension, counts, codes_t)
     log_library = _log_library(counts).to(device)
+    fused = query_step(
+        extension,
+        codes_t,
+        first_expression=first_expression,
+        log_gamma=log_gamma,
+        log_library=log_library,
+        dropout=options.dropout_in_query,
+    )
 
     def set_mode() -> None:
         # Frozen normalization statistics: everything in eval mode, dropout on only if asked.
@@ -419,4 +443,5 @@ def train_query(
             options,
             set_mode=set_mode,
             progress=progress,
+            fused=fused,
         )

@@ -155,6 +155,49 @@ def test_c_core_reads_row_strided_views() -> None:
 
 
 @needs_c
+@pytest.mark.parametrize("likelihood", ["zinb", "nb", "poisson"])
+def test_c_core_adds_the_heads_biases_to_each_row(likelihood: str) -> None:
+    """Biases given apart equal biases already added to the logits."""
+    a, p, x, log_lib, theta, log_theta = _inputs()
+    gen = torch.Generator().manual_seed(4)
+    b_a, b_p = torch.randn(a.shape[1], generator=gen), torch.randn(a.shape[1], generator=gen)
+    zinb = likelihood == "zinb"
+    pp = p if zinb else None
+    th, lt = (None, None) if likelihood == "poisson" else (theta, log_theta)
+    given = native.native_core(
+        a,
+        pp,
+        x,
+        log_lib,
+        th,
+        lt,
+        zinb=zinb,
+        want_theta=False,
+        bias_a=b_a,
+        bias_p=b_p if zinb else None,
+    )
+    added = native.native_core(
+        a + b_a,
+        None if pp is None else pp + b_p,
+        x,
+        log_lib,
+        th,
+        lt,
+        zinb=zinb,
+        want_theta=False,
+    )
+    for g, e in zip(given, added, strict=True):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(
+        given[0], native.native_core(a, pp, x, log_lib, th, lt, zinb=zinb, want_theta=False)[0]
+    )
+    with pytest.raises(ValueError, match="one value per gene"):
+        native.native_core(a, pp, x, log_lib, th, lt, zinb=zinb, want_theta=False, bias_a=b_a[:-1])
+
+
+@needs_c
 def test_c_core_declines_what_it_cannot_read(monkeypatch: pytest.MonkeyPatch) -> None:
     a, p, x, log_lib, theta, log_theta = _inputs()
     assert native.supports(a, p, x, log_lib, theta, log_theta)

@@ -66,6 +66,66 @@ def test_minibatches_are_the_same_with_and_without_the_c_code(
         assert torch.equal(a, b)
 
 
+def test_a_minibatch_checks_its_rows_at_once_and_densifies_when_read() -> None:
+    counts = CountMatrix.from_matrix(_matrix(np.int32))
+    with pytest.raises(IndexError):
+        counts.minibatch(np.array([0, 40]))
+    batch = counts.minibatch(np.array([9, 1]))
+    assert batch.stored is not None
+    np.testing.assert_array_equal(batch.stored.rows, [9, 1])
+    np.testing.assert_array_equal(batch.x.numpy(), counts.csr[[9, 1]].toarray())
+    assert batch.x is batch.x  # made once
+
+
+# --- the likelihood core reading CSR rows ----------------------------------------------------
+
+
+def _core_inputs(csr: sp.csr_matrix, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(len(rows), csr.shape[1], generator=gen)
+    p = torch.randn(len(rows), csr.shape[1], generator=gen)
+    x = torch.from_numpy(csr[rows].toarray())
+    log_lib = torch.log(x.sum(1).clamp(min=1.0))
+    log_theta = torch.randn(csr.shape[1], generator=gen)
+    return a, p, x, log_lib, log_theta.exp(), log_theta
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_core_reads_counts_from_csr_rows(index_dtype: type) -> None:
+    csr = _matrix(index_dtype)
+    rows = np.array([5, 3, 39, 0, 5, 17])
+    a, p, x, log_lib, theta, log_theta = _core_inputs(csr, rows)
+    dense = native.native_core(a, p, x, log_lib, theta, log_theta, zinb=True, want_theta=True)
+    read = native.native_core(
+        a, p, None, log_lib, theta, log_theta, zinb=True, want_theta=True, csr=csr, rows=rows
+    )
+    for d, r in zip(dense, read, strict=True):
+        assert d is not None
+        assert r is not None
+        torch.testing.assert_close(r, d, rtol=0, atol=0)
+
+
+def test_core_refuses_csr_rows_it_cannot_trust() -> None:
+    csr = _matrix(np.int32)
+    rows = np.array([1, 2])
+    a, p, _, log_lib, theta, log_theta = _core_inputs(csr, rows)
+    kwargs = {"zinb": True, "want_theta": False}
+    with pytest.raises(ValueError, match="CSR rows"):
+        native.native_core(a, p, None, log_lib, theta, log_theta, **kwargs)  # no source
+    with pytest.raises(ValueError, match="3 CSR rows for 2 cells"):
+        native.native_core(
+            a, p, None, log_lib, theta, log_theta, csr=csr, rows=np.array([1, 2, 3]), **kwargs
+        )
+    with pytest.raises(IndexError):
+        native.native_core(
+            a, p, None, log_lib, theta, log_theta, csr=csr, rows=np.array([1, 40]), **kwargs
+        )
+    bad = csr.copy()
+    bad.indices[bad.indptr[2]] = 33
+    with pytest.raises(ValueError, match="outside the matrix"):
+        native.native_core(a, p, None, log_lib, theta, log_theta, csr=bad, rows=rows, **kwargs)
+
+
 # --- the log-gamma terms on CSR rows ------------------------------------------------------
 
 

@@ -242,18 +242,39 @@ def test_wrong_number_of_counts_is_refused() -> None:
         grow(ref, (-1,))
 
 
-def test_query_dropout_is_off_by_default_and_optional() -> None:
+@pytest.mark.parametrize("hand_written", [True, False])
+def test_query_dropout_is_off_by_default_and_optional(
+    hand_written: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both step implementations: the C one (fastnet) and autograd through the modules."""
+    from hubarches import fastnet
+    from hubarches import train as train_module
+
     cfg = ModelConfig(n_genes=N_GENES, covariate_sizes=(2,), dropout=0.5, n_hidden=8)
     ref = build_model(cfg)
     ref.trained.fill_(True)
     seen: list[bool] = []
+    if hand_written:
+        if fastnet._fastnet is None:
+            pytest.skip("C extension not built")
+        draw = fastnet.QueryStep._masks
+
+        def spy(self: fastnet.QueryStep, blocks: list, n: int) -> list:
+            masks = draw(self, blocks, n)
+            seen.extend(m is not None for m in masks)
+            return masks
+
+        monkeypatch.setattr(fastnet.QueryStep, "_masks", spy)
+    else:
+        monkeypatch.setattr(train_module, "query_step", lambda *a, **k: None)
+    assert TrainOptions().dropout_in_query is False
     for dropout_in_query in (False, True):
         ext = grow(ref, (1,))
         seen.clear()
         hooks = [
             m.register_forward_hook(lambda mod, _i, _o: seen.append(mod.training))
             for m in ext.modules()
-            if isinstance(m, torch.nn.Dropout)
+            if isinstance(m, torch.nn.Dropout) and not hand_written
         ]
         train_query(
             ext,

@@ -1,0 +1,526 @@
+"""Query training's step with the small network by hand: no autograd, a dozen calls a step.
+
+Query training changes only the covariate columns that surgery added (scArches); the rest of
+the model is frozen. A step therefore needs the network's activations and the gradient that
+reaches those columns: through the decoder's gene-wide heads and likelihood (two products
+and the C core of :mod:`hubarches.native`), back through the decoder's hidden blocks, the
+reparametrised sample and the encoder's hidden blocks. The hidden blocks and latent heads are
+``cells × n_hidden`` arrays; through PyTorch they cost ~100 operations and autograd's
+bookkeeping a step, as much time on two cores as the gene-wide products. :class:`QueryStep`
+runs them in C (``hubarches._fastnet``), one call per block each way, with the noise and the
+dropout masks drawn exactly as :meth:`hubarches.model.CVAE.loss` draws them, so the losses
+and gradients are the autograd path's to float rounding (``tests/test_fastnet.py``).
+
+Used for float32 CPU models whose dispersion is frozen; :func:`query_step` returns None
+elsewhere (a GPU, float64, gene-batch dispersion, ``HUBARCHES_NATIVE=0``, no compiler at
+install) and training runs through autograd instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from hubarches import native
+from hubarches.batching import Minibatch
+from hubarches.model import CVAE, VAR_EPS
+from hubarches.nn import CovariateWeight, HiddenBlock
+
+try:
+    from hubarches import _fastnet
+except ImportError:  # built without a C compiler: autograd runs the step
+    _fastnet = None
+
+__all__ = ["QueryStep", "query_step"]
+
+_NORM_NONE, _NORM_LAYER, _NORM_AFFINE = 0, 1, 2
+_MAX_COVARIATES = 16  # the C side's table size
+
+
+def _address(t: torch.Tensor | np.ndarray | None) -> int:
+    """Address of a tensor's or array's first element (0 for None)."""
+    if t is None:
+        return 0
+    if isinstance(t, np.ndarray):
+        return int(t.ctypes.data)
+    return int(t.data_ptr())
+
+
+def _plain(t: torch.Tensor | None) -> bool:
+    """A contiguous float32 CPU tensor (or None)."""
+    return t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous())
+
+
+def _norm_plan(norm: nn.Module) -> tuple[int, torch.Tensor | None, torch.Tensor | None, float]:
+    """``(kind, scale, shift, eps)`` of a block's frozen normalization, in eval mode.
+
+    Batch norm in eval mode is a per-unit affine map of its running statistics. Raises
+    ValueError for a normalization the C side does not evaluate.
+    """
+    if isinstance(norm, nn.Identity):
+        return _NORM_NONE, None, None, 0.0
+    if isinstance(norm, nn.LayerNorm) and not norm.elementwise_affine:
+        return _NORM_LAYER, None, None, float(norm.eps)
+    if isinstance(norm, nn.BatchNorm1d) and norm.running_var is not None:
+        assert norm.running_mean is not None
+        with torch.no_grad():
+            scale = torch.rsqrt(norm.running_var + norm.eps)
+            if norm.weight is not None:
+                scale = scale * norm.weight
+            shift = -norm.running_mean * scale
+            if norm.bias is not None:
+                shift = shift + norm.bias
+        return _NORM_AFFINE, scale.float().contiguous(), shift.float().contiguous(), 0.0
+    raise ValueError(f"no hand-written pass for {type(norm).__name__}")
+
+
+@dataclass
+class _Block:
+    """One hidden block as the C side reads it, and its trainable columns' gradients."""
+
+    n_in: int
+    n_out: int
+    weight: torch.Tensor | None  # None: the input is the precomputed first-layer product
+    bias: torch.Tensor | None
+    table: np.ndarray  # int64 [n_cov, 6]: column, ref, k_ref, added, k_new, grad
+    trains: bool
+    norm: int
+    scale: torch.Tensor | None
+    shift: torch.Tensor | None
+    eps: float
+    dropout: float
+    keep: list[torch.Tensor] = field(default_factory=list)  # tensors the table points into
+    addresses: tuple[int, ...] = ()  # weight, bias, table, scale, shift (set after init)
+
+    def __post_init__(self) -> None:
+        self.addresses = tuple(
+            _address(t) for t in (self.weight, self.bias, self.table, self.scale, self.shift)
+        )
+
+
+def _covariate_table(
+    weights: list[CovariateWeight], grads: dict[int, torch.Tensor]
+) -> tuple[np.ndarray, bool]:
+    """The C table of a block's covariate weights; gradients go into ``grads`` (by param id)."""
+    rows = []
+    trains = False
+    for column, w in enumerate(weights):
+        added = w.weight_new
+        grad = None
+        if added is not None and added.requires_grad:
+            grad = grads.setdefault(id(added), torch.zeros_like(added))
+            trains = True
+        if not (_plain(w.weight) and _plain(added)):
+            raise ValueError("covariate weights must be contiguous float32 CPU tensors")
+        k_new = 0 if added is None else added.shape[1]
+        rows.append(
+            [
+                column,
+                _address(w.weight),
+                w.weight.shape[1],
+                _address(added),
+                k_new,
+                _address(grad),
+            ]
+        )
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 6), trains
+
+
+def _block(
+    block: HiddenBlock, grads: dict[int, torch.Tensor], *, first: bool, dropout: bool
+) -> _Block:
+    """Describe ``block``; ``first`` blocks of the encoder read the precomputed product."""
+    linear = block.linear
+    if len(linear.covariates) > _MAX_COVARIATES:
+        raise ValueError("too many covariates for the hand-written pass")
+    table, trains = _covariate_table(list(linear.covariates), grads)
+    kind, scale, shift, eps = _norm_plan(block.norm)
+    weight = None if first else linear.expression.weight.detach()
+    bias = None if first else linear.expression.bias.detach()
+    if not (_plain(weight) and _plain(bias)):
+        raise ValueError("block weights must be contiguous float32 CPU tensors")
+    rate = block.dropout.p if dropout and isinstance(block.dropout, nn.Dropout) else 0.0
+    n_out = linear.expression.out_features
+    return _Block(
+        n_in=n_out if first else linear.expression.in_features,
+        n_out=n_out,
+        weight=weight,
+        bias=bias,
+        table=table,
+        trains=trains,
+        norm=kind,
+        scale=scale,
+        shift=shift,
+        eps=eps,
+        dropout=rate,
+        keep=[t for t in (scale, shift) if t is not None],
+    )
+
+
+@dataclass
+class _State:
+    """Per-block forward state and backward scratch for a minibatch of ``n`` cells."""
+
+    y: list[torch.Tensor]
+    rstd: list[torch.Tensor]
+    out: list[torch.Tensor]
+    dpre: list[torch.Tensor]
+    dx: list[torch.Tensor]
+
+    def address(self, name: str, k: int) -> int:
+        """Address of buffer ``name`` of block ``k`` (looked up once, then cached)."""
+        key = (name, k)
+        if key not in self._addresses:
+            self._addresses[key] = _address(getattr(self, name)[k])
+        return self._addresses[key]
+
+    def __post_init__(self) -> None:
+        self._addresses: dict[tuple[str, int], int] = {}
+
+
+def _state(blocks: list[_Block], n: int) -> _State:
+    """Buffers for ``blocks`` and ``n`` cells."""
+    return _State(
+        y=[torch.empty(n, b.n_out) for b in blocks],
+        rstd=[torch.empty(n) for _ in blocks],
+        out=[torch.empty(n, b.n_out) for b in blocks],
+        dpre=[torch.empty(n, b.n_out) for b in blocks],
+        dx=[torch.empty(n, b.n_in) for b in blocks],
+    )
+
+
+def _lowest_trainable(blocks: list[_Block]) -> int | None:
+    """Index of the block nearest the input with trainable columns (None: none train)."""
+    return next((k for k, b in enumerate(blocks) if b.trains), None)
+
+
+class QueryStep:
+    """One query-training step: loss of a minibatch and the gradients of surgery's columns.
+
+    Built by :func:`query_step` for a frozen, grown model; the gradients are written into
+    the ``.grad`` of each trainable tensor (set once here), ready for the optimizer.
+    """
+
+    def __init__(
+        self,
+        model: CVAE,
+        codes: torch.Tensor,
+        *,
+        first_expression: torch.Tensor,
+        log_gamma: torch.Tensor,
+        log_library: torch.Tensor,
+        dropout: bool,
+    ) -> None:
+        assert _fastnet is not None
+        self.model = model
+        self.codes = np.ascontiguousarray(codes.numpy(), dtype=np.int64)
+        self.first_expression = first_expression
+        self.log_gamma = log_gamma.numpy().astype(np.float64)
+        self.log_library = log_library.numpy()
+        grads: dict[int, torch.Tensor] = {}
+        enc, dec = model.encoder, model.decoder
+        self.encoder = [
+            _block(b, grads, first=k == 0, dropout=dropout) for k, b in enumerate(enc.mlp.blocks)
+        ]
+        self.decoder = [_block(b, grads, first=False, dropout=False) for b in dec.mlp.blocks]
+        self.encoder_trains = _lowest_trainable(self.encoder) is not None
+        self.trainable = [
+            m.weight_new
+            for m in model.modules()
+            if isinstance(m, CovariateWeight)
+            and m.weight_new is not None
+            and m.weight_new.requires_grad
+        ]
+        for p in self.trainable:
+            p.grad = grads[id(p)]
+        # Both gene-wide heads as one frozen product; their biases go to the C core.
+        self.zinb = model.config.likelihood == "zinb"
+        self.n_genes = model.config.n_genes
+        drop = dec.dropout_logits
+        w_a = dec.scale.weight.detach()
+        self.w_heads = w_a if drop is None else torch.cat([w_a, drop.weight.detach()])
+        # Views of the one copy, so the backward products read the weights forward just read.
+        self.w_a = self.w_heads[: self.n_genes]
+        self.w_p = None if drop is None else self.w_heads[self.n_genes :]
+        self.b_a = dec.scale.bias.detach().contiguous()
+        self.b_p = None if drop is None else drop.bias.detach().contiguous()
+        self.latent = tuple(
+            _address(t.detach())
+            for t in (enc.mean.weight, enc.mean.bias, enc.log_var.weight, enc.log_var.bias)
+        )
+        self._keep = [enc.mean, enc.log_var]
+        log_theta = model.log_dispersion(codes[:1])
+        self.log_theta = None if log_theta is None else log_theta.detach().contiguous()
+        self.theta = None if self.log_theta is None else torch.exp(self.log_theta)
+        self.n_latent = model.config.n_latent
+        self.n_hidden = model.config.n_hidden
+        self._states: dict[int, tuple[_State, _State, dict[str, torch.Tensor]]] = {}
+
+    def _buffers(self, n: int) -> tuple[_State, _State, dict[str, torch.Tensor]]:
+        """Buffers for ``n`` cells, made once per minibatch size."""
+        if n not in self._states:
+            latent = {k: torch.empty(n, self.n_latent) for k in ("mean", "var", "z", "dz")}
+            latent["kl"] = torch.empty(n)
+            latent["dh"] = torch.empty(n, self.n_hidden)
+            latent["heads"] = torch.empty(n, self.w_heads.shape[0])
+            latent["grad_h"] = torch.empty(n, self.n_hidden)
+            self._states[n] = (_state(self.encoder, n), _state(self.decoder, n), latent)
+        return self._states[n]
+
+    def _forward_blocks(
+        self,
+        blocks: list[_Block],
+        state: _State,
+        source: tuple[int, int],
+        rows: int,
+        codes: np.ndarray,
+        masks: list[torch.Tensor | None],
+    ) -> None:
+        """Run ``blocks`` from ``source`` (address, row stride), reading its ``rows`` (0: all)."""
+        assert _fastnet is not None
+        n = len(codes)
+        threads = torch.get_num_threads()
+        codes_at = _address(codes)
+        for k, b in enumerate(blocks):
+            weight, bias, table, scale, shift = b.addresses
+            _fastnet.block_forward(
+                n,
+                b.n_in,
+                b.n_out,
+                source[0],
+                source[1],
+                rows if k == 0 else 0,
+                weight,
+                bias,
+                codes_at,
+                codes.shape[1],
+                table,
+                len(b.table),
+                b.norm,
+                scale,
+                shift,
+                b.eps,
+                _address(masks[k]),
+                state.address("y", k),
+                state.address("rstd", k),
+                state.address("out", k),
+                threads,
+            )
+            source = (state.address("out", k), b.n_out)
+
+    def _backward_blocks(
+        self,
+        blocks: list[_Block],
+        state: _State,
+        grad: int,
+        scale: float,
+        codes: np.ndarray,
+        masks: list[torch.Tensor | None],
+        *,
+        input_grad: int,
+    ) -> None:
+        """Back from the gradient ``scale·grad`` at the last block's output, as far as needed.
+
+        Stops at the lowest block with trainable columns; ``input_grad``, when not 0, gets
+        the gradient at the first block's input (the blocks are then walked to the bottom).
+        """
+        assert _fastnet is not None
+        lowest = 0 if input_grad else _lowest_trainable(blocks)
+        if lowest is None:
+            return
+        threads = torch.get_num_threads()
+        codes_at = _address(codes)
+        for k in range(len(blocks) - 1, lowest - 1, -1):
+            b = blocks[k]
+            dx = input_grad if k == 0 else (state.address("dx", k) if k > lowest else 0)
+            weight, _, table, scale_at, _ = b.addresses
+            _fastnet.block_backward(
+                len(codes),
+                b.n_in,
+                b.n_out,
+                weight,
+                codes_at,
+                codes.shape[1],
+                table,
+                len(b.table),
+                b.norm,
+                scale_at,
+                _address(masks[k]),
+                state.address("y", k),
+                state.address("rstd", k),
+                grad,
+                scale,
+                state.address("dpre", k),
+                dx,
+                threads,
+            )
+            grad, scale = state.address("dx", k), 1.0
+
+    def _masks(self, blocks: list[_Block], n: int) -> list[torch.Tensor | None]:
+        """Scaled dropout masks, drawn as ``torch.nn.functional.dropout`` draws them on CPU."""
+        out: list[torch.Tensor | None] = []
+        for b in blocks:
+            if b.dropout > 0.0:
+                keep = 1.0 - b.dropout
+                out.append(torch.empty(n, b.n_out).bernoulli_(keep).div_(keep))
+            else:
+                out.append(None)
+        return out
+
+    def _heads(
+        self, h: torch.Tensor, batch: Minibatch, rows: np.ndarray, out: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The gene-wide heads and the likelihood: per-cell NLL, its ``h``-gradient.
+
+        ``out["grad_h"]`` gets the gradient of the NLL's sum at ``h``. The counts are read
+        from the batch's CSR rows where it has them (no dense copy).
+        """
+        heads = torch.mm(h, self.w_heads.t(), out=out["heads"])
+        a, p = heads[:, : self.n_genes], heads[:, self.n_genes :] if self.zinb else None
+        log_library = torch.from_numpy(self.log_library[rows])
+        stored = batch.stored
+        csr = None if stored is None else stored.csr
+        if csr is not None and not native.csr_supported(csr):
+            stored = csr = None
+        nll, grad_a, grad_p, _ = native.native_core(
+            a,
+            p,
+            batch.x if stored is None else None,
+            log_library,
+            self.theta,
+            self.log_theta,
+            zinb=self.zinb,
+            want_theta=False,
+            bias_a=self.b_a,
+            bias_p=self.b_p if self.zinb else None,
+            csr=csr,
+            rows=None if stored is None else stored.rows,
+        )
+        grad_h = torch.mm(grad_a, self.w_a, out=out["grad_h"])
+        if grad_p is not None and self.w_p is not None:
+            grad_h.addmm_(grad_p, self.w_p)
+        return nll
+
+    def __call__(
+        self,
+        rows: np.ndarray,
+        batch: Minibatch,
+        generator: torch.Generator | None,
+        kl_weight: float,
+    ) -> torch.Tensor:
+        """Gradients of the minibatch's mean loss into ``.grad``, and its terms.
+
+        Returns float64 ``[loss, mean reconstruction loss, mean KL]``.
+        """
+        assert _fastnet is not None
+        n = len(rows)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        codes = np.ascontiguousarray(self.codes[rows])
+        enc_state, dec_state, lat = self._buffers(n)
+        threads = torch.get_num_threads()
+        # The noise first, then the dropout masks: the order CVAE.loss draws them in.
+        noise = self.model.draw_noise(n, generator=generator, like=self.first_expression)
+        enc_masks = self._masks(self.encoder, n)
+        dec_masks: list[torch.Tensor | None] = [None] * len(self.decoder)
+        first = (_address(self.first_expression), self.first_expression.stride(0))
+        self._forward_blocks(self.encoder, enc_state, first, _address(rows), codes, enc_masks)
+        wm, bm, wv, bv = self.latent
+        _fastnet.latent_forward(
+            n,
+            self.n_hidden,
+            self.n_latent,
+            enc_state.address("out", len(self.encoder) - 1),
+            wm,
+            bm,
+            wv,
+            bv,
+            _address(noise),
+            VAR_EPS,
+            _address(lat["mean"]),
+            _address(lat["var"]),
+            _address(lat["z"]),
+            _address(lat["kl"]),
+            threads,
+        )
+        z = (_address(lat["z"]), self.n_latent)
+        self._forward_blocks(self.decoder, dec_state, z, 0, codes, dec_masks)
+        nll = self._heads(dec_state.out[-1], batch, rows, lat)
+        self._backward_blocks(
+            self.decoder,
+            dec_state,
+            _address(lat["grad_h"]),
+            1.0 / n,
+            codes,
+            dec_masks,
+            input_grad=_address(lat["dz"]) if self.encoder_trains else 0,
+        )
+        if self.encoder_trains:
+            _fastnet.latent_backward(
+                n,
+                self.n_hidden,
+                self.n_latent,
+                _address(lat["dz"]),
+                kl_weight / n,
+                _address(lat["mean"]),
+                _address(lat["var"]),
+                _address(noise),
+                VAR_EPS,
+                wm,
+                wv,
+                _address(lat["dh"]),
+                threads,
+            )
+            self._backward_blocks(
+                self.encoder, enc_state, _address(lat["dh"]), 1.0, codes, enc_masks, input_grad=0
+            )
+        reconstruction = nll.numpy().astype(np.float64) - self.log_gamma[rows]
+        kl = lat["kl"].numpy().astype(np.float64)
+        loss = float(np.mean(reconstruction + kl_weight * kl))
+        return torch.tensor([loss, reconstruction.mean(), kl.mean()], dtype=torch.float64)
+
+
+def query_step(
+    model: CVAE,
+    codes: torch.Tensor,
+    *,
+    first_expression: torch.Tensor,
+    log_gamma: torch.Tensor | None,
+    log_library: torch.Tensor,
+    dropout: bool,
+) -> QueryStep | None:
+    """A :class:`QueryStep` for this frozen, grown model, or None where it cannot run.
+
+    ``dropout`` says whether the encoder's dropout is on (``dropout_in_query``).
+    """
+    if _fastnet is None or not native.available() or log_gamma is None:
+        return None
+    if isinstance(model.dispersion, CovariateWeight):  # θ per cell: the core's other mode
+        return None
+    tensors = [first_expression, log_gamma, log_library, *model.parameters(), *model.buffers()]
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        return None
+    if not (_plain(first_expression) and first_expression.dim() == 2):
+        return None
+    if any(p.requires_grad for p in model.parameters() if not _is_added(model, p)):
+        return None
+    try:
+        return QueryStep(
+            model,
+            codes,
+            first_expression=first_expression,
+            log_gamma=log_gamma,
+            log_library=log_library,
+            dropout=dropout,
+        )
+    except ValueError:  # a layer the C side does not evaluate: autograd runs the step
+        return None
+
+
+def _is_added(model: CVAE, p: torch.Tensor) -> bool:
+    """Whether ``p`` is a column block added by surgery."""
+    return any(m.weight_new is p for m in model.modules() if isinstance(m, CovariateWeight))

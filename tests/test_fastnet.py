@@ -1,0 +1,215 @@
+"""The hand-written query step against the straightforward computation."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from hubarches import fastnet, native
+from hubarches import train as train_module
+from hubarches.batching import CountMatrix, Minibatch
+from hubarches.config import ModelConfig, TrainOptions
+from hubarches.fastnet import QueryStep, query_step
+from hubarches.model import CVAE, build_model
+from hubarches.surgery import grow, new_parameters
+from hubarches.train import _log_library, first_layer_expression, frozen_log_gamma, train_query
+
+pytestmark = pytest.mark.skipif(
+    fastnet._fastnet is None or not native.available(), reason="C extension not built"
+)
+
+N_CELLS, N_GENES = 24, 40
+
+
+class _FixedMask(nn.Module):
+    """Dropout with a given (scaled) mask, so the reference sees the step's draws."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.mask
+
+
+def _grown(cfg: ModelConfig, *, seed: int = 0) -> CVAE:
+    """A "trained" reference grown by one category per covariate, with BN statistics set."""
+    ref = build_model(cfg, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.running_mean.normal_(0.0, 0.3, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0.0, 0.1, generator=gen)
+    ref.trained.fill_(True)
+    ext = grow(ref, tuple(1 for _ in cfg.covariate_sizes), seed=seed)
+    ext.eval()
+    return ext
+
+
+def _data(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts and codes: most cells in the new categories, some in the reference's."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.poisson(torch.rand(N_CELLS, N_GENES, generator=gen) * 4.0, generator=gen)
+    x[:, 0] += 1.0
+    x[0, 1] = 70.0  # a count beyond the log-gamma table
+    sizes = [k + 1 for k in cfg.covariate_sizes]
+    codes = torch.stack([torch.randint(0, k, (N_CELLS,), generator=gen) for k in sizes], dim=1)
+    codes[: N_CELLS // 2, 0] = sizes[0] - 1  # the new batch
+    return x, codes
+
+
+def _plain_gradients(
+    ext: CVAE,
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    noise: torch.Tensor,
+    masks: list[torch.Tensor | None],
+    kl_weight: float,
+) -> tuple[list[float], list[torch.Tensor]]:
+    """Loss terms and gradients of surgery's tensors through autograd in float64."""
+    ref = copy.deepcopy(ext).double()
+    for block, mask in zip(ref.encoder.mlp.blocks, masks, strict=True):
+        block.dropout = nn.Identity() if mask is None else _FixedMask(mask.double())
+    ref.draw_noise = lambda n, *, generator, like: noise.double()  # type: ignore[method-assign]
+    terms = ref.plain_loss(x.double(), codes)
+    loss = terms.total(kl_weight)
+    loss.backward()
+    stats = [float(t.detach()) for t in (loss, terms.reconstruction.mean(), terms.kl.mean())]
+    return stats, [p.grad for p in new_parameters(ref)]
+
+
+def _step(ext: CVAE, x: torch.Tensor, codes: torch.Tensor, *, dropout: bool) -> QueryStep:
+    counts = CountMatrix.from_matrix(x.numpy())
+    step = query_step(
+        ext,
+        codes,
+        first_expression=first_layer_expression(ext, counts),
+        log_gamma=frozen_log_gamma(ext, counts, codes),
+        log_library=_log_library(counts),
+        dropout=dropout,
+    )
+    assert step is not None
+    return step
+
+
+CONFIGS = [
+    {},
+    {"likelihood": "nb", "encoder_norm": "batch", "decoder_norm": "batch"},
+    {"likelihood": "poisson", "encoder_norm": "none", "decoder_norm": "none"},
+    {"n_layers": 2, "covariate_injection": "all", "covariate_sizes": (3, 2)},
+    {"n_layers": 3, "covariate_injection": "first", "encoder_norm": "batch"},
+    {"encode_covariates": False, "n_layers": 2},
+]
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("options", CONFIGS)
+def test_query_step_equals_plain_loss_and_gradients(
+    options: dict, dropout: bool, dense: bool
+) -> None:
+    """Loss and every trainable gradient equal autograd's on the plain loss (float64).
+
+    The counts come as CSR rows (read in C) or, ``dense``, as a dense minibatch.
+    """
+    base = {"n_genes": N_GENES, "covariate_sizes": (2,), "n_hidden": 16, "n_latent": 4}
+    cfg = ModelConfig(**{**base, **options})
+    ext = _grown(cfg)
+    x, codes = _data(cfg)
+    step = _step(ext, x, codes, dropout=dropout)
+    drawn: list[list[torch.Tensor | None]] = []
+    draw = step._masks
+    step._masks = lambda blocks, n: drawn.append(draw(blocks, n)) or drawn[-1]  # type: ignore[method-assign]
+    noise_seed = 5
+    rows = np.arange(N_CELLS)[::-1].copy()  # not in order: rows index the cached terms
+    torch.manual_seed(11)
+    counts = CountMatrix.from_matrix(x.numpy())
+    batch = Minibatch.from_csr(counts.csr[rows]) if dense else counts.minibatch(rows)
+    assert (batch.stored is None) == dense
+    stats = step(rows, batch, torch.Generator().manual_seed(noise_seed), 0.3)
+    noise = ext.draw_noise(N_CELLS, generator=torch.Generator().manual_seed(noise_seed), like=x)
+    masks = drawn[0]
+    assert (masks[0] is not None) == (dropout and cfg.dropout > 0)
+    expected, grads = _plain_gradients(ext, x[rows], codes[rows], noise, masks, 0.3)
+    np.testing.assert_allclose(stats.numpy(), expected, rtol=2e-5, atol=1e-3)
+    trainable = new_parameters(ext)
+    assert len(trainable) == len(grads) > 0
+    for p, g in zip(trainable, grads, strict=True):
+        assert p.grad is not None
+        scale = float(g.abs().max()) + 1e-12
+        torch.testing.assert_close(p.grad.double() / scale, g / scale, rtol=0, atol=2e-5)
+
+
+def test_query_step_draws_what_the_autograd_step_draws() -> None:
+    """Same seeds, same noise and dropout masks: training takes the same path either way."""
+    cfg = ModelConfig(n_genes=N_GENES, covariate_sizes=(2,), n_hidden=16, n_latent=4)
+    ext = _grown(cfg)
+    x, codes = _data(cfg)
+    counts = CountMatrix.from_matrix(x.numpy())
+    options = TrainOptions(epochs=3, batch_size=8, dropout_in_query=True, seed=2)
+    results = []
+    for use_step in (True, False):
+        model = copy.deepcopy(ext)
+        original = train_module.query_step
+        if not use_step:
+            train_module.query_step = lambda *a, **k: None  # type: ignore[assignment]
+        try:
+            history = train_query(model, counts, codes.numpy(), options=options)
+        finally:
+            train_module.query_step = original
+        results.append((history, [p.detach().clone() for p in new_parameters(model)]))
+    (fast, w_fast), (plain, w_plain) = results
+    losses = [[e.loss for e in h.epochs] for h in (fast, plain)]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+    for a, b in zip(w_fast, w_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    assert not torch.equal(w_fast[0], new_parameters(ext)[0])  # training moved them
+
+
+def _inputs(ext: CVAE, x: torch.Tensor, codes: torch.Tensor) -> dict:
+    counts = CountMatrix.from_matrix(x.numpy())
+    return {
+        "first_expression": first_layer_expression(ext, counts),
+        "log_gamma": frozen_log_gamma(ext, counts, codes),
+        "log_library": _log_library(counts),
+        "dropout": False,
+    }
+
+
+def test_query_step_is_not_used_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = ModelConfig(n_genes=N_GENES, covariate_sizes=(2,), n_hidden=16, n_latent=4)
+    ext = _grown(cfg)
+    x, codes = _data(cfg)
+    assert query_step(ext, codes, **_inputs(ext, x, codes)) is not None
+    # θ trains (gene-batch dispersion with a new batch): no frozen log-gamma terms
+    batchwise = _grown(ModelConfig(**{**cfg.__dict__, "dispersion": "gene-batch"}))
+    assert query_step(batchwise, codes, **_inputs(batchwise, x, codes)) is None
+    # float64 models
+    wide = copy.deepcopy(ext).double()
+    assert query_step(wide, codes, **_inputs(ext, x, codes)) is None
+    # a reference tensor left trainable
+    loose = copy.deepcopy(ext)
+    loose.decoder.scale.weight.requires_grad_(True)
+    assert query_step(loose, codes, **_inputs(loose, x, codes)) is None
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    assert query_step(ext, codes, **_inputs(ext, x, codes)) is None
+
+
+def test_a_code_outside_the_columns_is_refused() -> None:
+    """The C pass reads weights by code; a bad code is an error, never a wild read."""
+    cfg = ModelConfig(n_genes=N_GENES, covariate_sizes=(2,), n_hidden=16, n_latent=4)
+    ext = _grown(cfg)
+    x, codes = _data(cfg)
+    bad = codes.clone()
+    bad[3, 0] = 9
+    step = _step(ext, x, bad, dropout=False)
+    with pytest.raises(ValueError, match="covariate code"):
+        step(np.arange(N_CELLS), Minibatch.from_csr(sp.csr_matrix(x.numpy())), None, 1.0)
