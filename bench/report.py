@@ -272,6 +272,16 @@ def targets(runs: dict[str, Any], load: dict[str, Any] | None, threads: int) -> 
     return rows
 
 
+def _query_dropout(first: dict[str, Any] | None) -> str:
+    """How each tool ran the encoder's dropout in query training."""
+    hub = first["hubarches"].get("query_dropout") if first else None
+    mode = {True: "on", False: "off", None: "—"}[hub]
+    return (
+        f"on in scvi-tools (load_query_data's freeze_dropout=False) and {mode} in hubarches "
+        "(TrainOptions.dropout_in_query)"
+    )
+
+
 def render(info: dict[str, Any], runs: dict[str, Any], load: dict[str, Any] | None) -> str:
     """The whole report."""
     first = next(iter(runs.values()), None)
@@ -298,7 +308,8 @@ def render(info: dict[str, Any], runs: dict[str, Any], load: dict[str, Any] | No
         "- Settings, both tools: SCVI(n_latent=10, n_hidden=128, n_layers=1, zinb, gene "
         "dispersion), scArches variant (covariates encoded and injected into every layer, layer "
         "norm, no batch norm); Adam lr 1e-3, batch 128, KL warm-up 400 epochs, weight decay 1e-6 "
-        "(reference) and 0 (query); 90 % of cells train (hubarches split: "
+        "(reference) and 0 (query); dropout 0.1, during query training "
+        f"{_query_dropout(first)}; 90 % of cells train (hubarches split: "
         f"{first['hubarches']['split'] if first else '—'}). Per epoch = median wall time from one "
         "epoch's end to the next, the first epoch left out.",
     ]

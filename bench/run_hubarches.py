@@ -83,6 +83,13 @@ def main() -> None:
         "validation loss every epoch (counted in the epoch time)",
     )
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--query-dropout",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the encoder's dropout on during query training (TrainOptions.dropout_in_query),"
+        " as scvi-tools' load_query_data leaves it (freeze_dropout=False); default on",
+    )
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -101,7 +108,12 @@ def main() -> None:
         "device": args.device,
     }
     ref_options = TrainOptions(epochs=args.ref_epochs, **common)  # weight decay 1e-6, as scvi
-    query_options = TrainOptions(epochs=args.query_epochs, weight_decay=0.0, **common)
+    query_options = TrainOptions(
+        epochs=args.query_epochs,
+        weight_decay=0.0,
+        dropout_in_query=args.query_dropout,
+        **common,
+    )
 
     # --- reference ---------------------------------------------------------------------
     with t("ref_setup"):
@@ -185,6 +197,7 @@ def main() -> None:
             },
             "threads": torch.get_num_threads(),
             "split": args.split,
+            "query_dropout": args.query_dropout,
             "data": {
                 "n_ref": int(ref_counts.n_cells),
                 "n_query": int(q_counts.n_cells),

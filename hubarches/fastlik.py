@@ -176,6 +176,14 @@ def _run_core(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
     return elementwise_core(*args, **kwargs)
 
 
+def _plain_bias(*biases: torch.Tensor | None) -> bool:
+    """Biases the C core can read: contiguous float32 CPU vectors (or None)."""
+    return all(
+        b is None or (b.device.type == "cpu" and b.dtype == torch.float32 and b.is_contiguous())
+        for b in biases
+    )
+
+
 class HeadsCountNLL(torch.autograd.Function):
     """The decoder's gene-wide heads and the likelihood as one autograd node.
 
@@ -200,13 +208,31 @@ class HeadsCountNLL(torch.autograd.Function):
         zinb: bool,
     ) -> torch.Tensor:
         """Per-cell NLL (without the log-gamma terms)."""
-        a = torch.addmm(b_a, h, w_a.t())
-        p = None if w_p is None or b_p is None else torch.addmm(b_p, h, w_p.t())
         want_theta = log_theta is not None and ctx.needs_input_grad[5]
         theta = None if log_theta is None else torch.exp(log_theta)
-        nll, grad_a, grad_p, grad_lt = _run_core(
-            a, p, x, log_library, theta, log_theta, zinb=zinb, want_theta=want_theta
-        )
+        # The C core adds the biases itself: products without them spare two broadcasts of
+        # cells × genes arrays a step.
+        a = torch.mm(h, w_a.t())
+        p = None if w_p is None or b_p is None else torch.mm(h, w_p.t())
+        if native.supports(a, p, x, log_library, theta, log_theta) and _plain_bias(b_a, b_p):
+            nll, grad_a, grad_p, grad_lt = native.native_core(
+                a,
+                p,
+                x,
+                log_library,
+                theta,
+                log_theta,
+                zinb=zinb,
+                want_theta=want_theta,
+                bias_a=b_a,
+                bias_p=b_p,
+            )
+        else:
+            a = a.add_(b_a)
+            p = None if p is None or b_p is None else p.add_(b_p)
+            nll, grad_a, grad_p, grad_lt = _run_core(
+                a, p, x, log_library, theta, log_theta, zinb=zinb, want_theta=want_theta
+            )
         ctx.save_for_backward(h, w_a, w_p, grad_a, grad_p, grad_lt)
         ctx.theta_per_gene = log_theta is not None and log_theta.dim() == 1
         return nll
