@@ -91,6 +91,19 @@ static int64_t densify_row(const CsrRows *m, Py_ssize_t i, float *restrict dst,
         for (Py_ssize_t g = 0; g < G; g++) dst_log[g] = 0.0f;
     const float *restrict values = m->data + first;
     const int64_t n = last - first;
+    if (dst && !dst_log && n > 0 && !m->indices_64) {
+        /* A row whose columns strictly increase within 0..G-1 (scipy's canonical format, as
+         * CountMatrix keeps it) has no duplicates: its scatter is a vector one. */
+        const int32_t *restrict idx = (const int32_t *)m->indices + first;
+        int sorted = 1;
+#pragma omp simd reduction(& : sorted)
+        for (int64_t k = 1; k < n; k++) sorted &= idx[k] > idx[k - 1];
+        if (sorted && idx[0] >= 0 && idx[n - 1] < G) {
+#pragma omp simd
+            for (int64_t k = 0; k < n; k++) dst[idx[k]] = values[k];
+            return 0;
+        }
+    }
     for (int64_t start = 0; start < n; start += G) { /* G at a time: scratch holds G */
         const int64_t len = n - start < G ? n - start : G;
         if (dst_log) {
@@ -118,7 +131,7 @@ typedef struct {
     const float *a, *p, *x, *log_library, *theta, *log_theta;
     const float *bias_a, *bias_p; /* added to each row of a and p; zeros when not given */
     const CsrRows *csr;           /* the counts as CSR rows, where x is NULL */
-    Py_ssize_t a_stride, p_stride;
+    Py_ssize_t a_stride, p_stride, grad_stride; /* row strides; grad_stride: grad_a, grad_p */
     int theta_mode, zinb, want_theta;
     float *nll, *grad_a, *grad_p, *grad_lt;
 } Core;
@@ -145,25 +158,32 @@ static inline __attribute__((always_inline)) float count_terms(
         float q = 1.0f, llg = lin;
         if (zinb) {
             /* softplus and the logistic function of one argument share e = exp(-|.|) in
-             * (0, 1]; log(1 + e) there is within 6e-8 of log1p(e) and libmvec's logf is
-             * several times faster than its log1pf. */
+             * (0, 1]. softplus(-p) = relu(-p) + log(1 + e_p) and softplus(y) = relu(y) +
+             * log(1 + e_y); a nonzero count needs the first alone, a zero the difference, so
+             * one logarithm serves either: log(1 + e_p), or log((1 + e_y) / (1 + e_p)) in
+             * (-log 2, log 2). log(1 + e) is within 6e-8 of log1p(e) here, and libmvec's
+             * logf is several times faster than its log1pf. */
             const float pg = p[g] + bp[g];
             const float e_p = expf(-fabsf(pg));
-            const float sp_neg = (pg < 0.0f ? -pg : 0.0f) + logf(1.0f + e_p); /* softplus(-p) */
-            const float sig_p = (pg >= 0.0f ? 1.0f : e_p) / (1.0f + e_p);
+            const float inv_p = 1.0f / (1.0f + e_p);
+            const float sig_p = (pg >= 0.0f ? 1.0f : e_p) * inv_p;
             const float y = w - pg;
             const float e_y = expf(-fabsf(y));
-            const float sp_y = (y > 0.0f ? y : 0.0f) + logf(1.0f + e_y);
-            const float sig_y = (y >= 0.0f ? 1.0f : e_y) / (1.0f + e_y);
+            const float inv_y = 1.0f / (1.0f + e_y);
+            const float sig_y = (y >= 0.0f ? 1.0f : e_y) * inv_y;
             const int nz = xg > 0.0f;
-            llg = nz ? lin - pg - sp_neg : sp_y - sp_neg;
+            const float relu_neg_p = pg < 0.0f ? -pg : 0.0f;
+            const float log_part = logf(nz ? 1.0f + e_p : (1.0f + e_y) * inv_p);
+            llg = nz ? lin - pg - relu_neg_p - log_part
+                     : (y > 0.0f ? y : 0.0f) - relu_neg_p + log_part;
             q = nz ? 1.0f : sig_y;
             gp[g] = nz ? sig_p : sig_p + sig_y - 1.0f;
         }
-        const float v = th[g] / t * (xg - mu * q);
+        const float inv_t = 1.0f / t;
+        const float v = th[g] * inv_t * (xg - mu * q);
         if (want_theta) {
-            const float dw = lth[g] - log_t + mu / t;
-            glt[g] = -th[g] * (q * dw - xg / t);
+            const float dw = lth[g] - log_t + mu * inv_t;
+            glt[g] = -th[g] * (q * dw - xg * inv_t);
         }
         rho[g] = r;
         ll += llg;
@@ -189,7 +209,7 @@ static int64_t core_row(const Core *c, Py_ssize_t i, float *restrict rho, float 
         const int64_t bad = densify_row(c->csr, i, xs, NULL, NULL);
         if (bad) return bad;
     }
-    float *restrict ga = c->grad_a + i * G;
+    float *restrict ga = c->grad_a + i * c->grad_stride;
     const float *restrict ba = c->bias_a;
     float m = a[0] + ba[0];
 #pragma omp simd reduction(max : m)
@@ -220,7 +240,7 @@ static int64_t core_row(const Core *c, Py_ssize_t i, float *restrict rho, float 
         const Py_ssize_t off = c->theta_mode == THETA_CELL ? i * G : 0;
         const float *th = c->theta + off, *lth = c->log_theta + off;
         const float *p = c->zinb ? c->p + i * c->p_stride : NULL;
-        float *gp = c->zinb ? c->grad_p + i * G : NULL;
+        float *gp = c->zinb ? c->grad_p + i * c->grad_stride : NULL;
         float *glt = c->want_theta ? c->grad_lt + i * G : NULL;
         if (c->zinb && c->want_theta)
             ll = count_terms(G, a, ba, x, th, lth, p, c->bias_p, lib, inv_s, shift, rho, ga, gp, glt, &vsum, 1, 1);
@@ -261,7 +281,7 @@ static int run_core(const Core *c, int n_threads) {
 PyDoc_STRVAR(core_doc,
              "core(n_cells, n_genes, a, a_stride, p, p_stride, x, log_library, theta, log_theta,"
              " theta_mode, zinb, want_theta, nll, grad_a, grad_p, grad_lt, bias_a, bias_p,"
-             " csr, n_threads)\n\n"
+             " csr, grad_stride, n_threads)\n\n"
              "Addresses of float32 buffers (0 for none); see hubarches.native.native_core.\n"
              "csr: None, or the counts as CSR rows, (n_rows, n_cols, indptr, indptr_64, indices,\n"
              "indices_64, data, rows) as densify takes them, in place of x (0).");
@@ -273,10 +293,10 @@ static PyObject *core(PyObject *self, PyObject *args) {
     CsrRows csr;
     int n_threads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnnnnnnnnniiinnnnnnOi", &c.n_cells, &c.n_genes, &a,
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnniiinnnnnnOni", &c.n_cells, &c.n_genes, &a,
                           &c.a_stride, &p, &c.p_stride, &x, &lib, &th, &lth, &c.theta_mode,
                           &c.zinb, &c.want_theta, &nll, &ga, &gp, &glt, &bias_a, &bias_p,
-                          &csr_args, &n_threads))
+                          &csr_args, &c.grad_stride, &n_threads))
         return NULL;
     c.csr = NULL;
     if (csr_args != Py_None) {
@@ -301,7 +321,7 @@ static PyObject *core(PyObject *self, PyObject *args) {
     c.grad_a = as_pointer(ga);
     c.grad_p = as_pointer(gp);
     c.grad_lt = as_pointer(glt);
-    if (c.n_cells < 0 || c.n_genes < 1 || c.theta_mode < THETA_NONE ||
+    if (c.n_cells < 0 || c.n_genes < 1 || c.grad_stride < c.n_genes || c.theta_mode < THETA_NONE ||
         c.theta_mode > THETA_CELL || !c.a || !(c.x || c.csr) || !c.log_library || !c.nll ||
         !c.grad_a ||
         (c.theta_mode != THETA_NONE && (!c.theta || !c.log_theta)) ||

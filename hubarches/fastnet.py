@@ -242,9 +242,6 @@ class QueryStep:
         drop = dec.dropout_logits
         w_a = dec.scale.weight.detach()
         self.w_heads = w_a if drop is None else torch.cat([w_a, drop.weight.detach()])
-        # Views of the one copy, so the backward products read the weights forward just read.
-        self.w_a = self.w_heads[: self.n_genes]
-        self.w_p = None if drop is None else self.w_heads[self.n_genes :]
         self.b_a = dec.scale.bias.detach().contiguous()
         self.b_p = None if drop is None else drop.bias.detach().contiguous()
         self.latent = tuple(
@@ -266,6 +263,8 @@ class QueryStep:
             latent["kl"] = torch.empty(n)
             latent["dh"] = torch.empty(n, self.n_hidden)
             latent["heads"] = torch.empty(n, self.w_heads.shape[0])
+            latent["grad_heads"] = torch.empty(n, self.w_heads.shape[0])
+            latent["nll"] = torch.empty(n)
             latent["grad_h"] = torch.empty(n, self.n_hidden)
             self._states[n] = (_state(self.encoder, n), _state(self.decoder, n), latent)
         return self._states[n]
@@ -378,14 +377,16 @@ class QueryStep:
         ``out["grad_h"]`` gets the gradient of the NLL's sum at ``h``. The counts are read
         from the batch's CSR rows where it has them (no dense copy).
         """
+        g = self.n_genes
         heads = torch.mm(h, self.w_heads.t(), out=out["heads"])
-        a, p = heads[:, : self.n_genes], heads[:, self.n_genes :] if self.zinb else None
+        a, p = heads[:, :g], heads[:, g:] if self.zinb else None
+        grads = out["grad_heads"]  # both heads' gradients side by side: one product back
         log_library = torch.from_numpy(self.log_library[rows])
         stored = batch.stored
         csr = None if stored is None else stored.csr
         if csr is not None and not native.csr_supported(csr):
             stored = csr = None
-        nll, grad_a, grad_p, _ = native.native_core(
+        nll, *_ = native.native_core(
             a,
             p,
             batch.x if stored is None else None,
@@ -398,10 +399,9 @@ class QueryStep:
             bias_p=self.b_p if self.zinb else None,
             csr=csr,
             rows=None if stored is None else stored.rows,
+            out=(out["nll"], grads[:, :g], grads[:, g:] if self.zinb else None),
         )
-        grad_h = torch.mm(grad_a, self.w_a, out=out["grad_h"])
-        if grad_p is not None and self.w_p is not None:
-            grad_h.addmm_(grad_p, self.w_p)
+        torch.mm(grads, self.w_heads, out=out["grad_h"])
         return nll
 
     def __call__(

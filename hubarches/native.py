@@ -104,6 +104,7 @@ def native_core(
     bias_p: torch.Tensor | None = None,
     csr: sp.csr_matrix | None = None,
     rows: np.ndarray | None = None,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """:func:`hubarches.fastlik.elementwise_core` in C; call only where :func:`supports`.
 
@@ -111,7 +112,10 @@ def native_core(
     every row of ``a`` and ``p`` first: the heads' biases, so their products need not
     broadcast them into cells × genes arrays. With ``x`` None the counts are the ``rows``
     of ``csr`` (all rows if None; a matrix :func:`csr_supported` takes), each densified
-    into a scratch row where it is read: a minibatch needs no dense copy.
+    into a scratch row where it is read: a minibatch needs no dense copy. ``out``, when
+    given, is ``(nll, grad_a, grad_p)`` to write into: float32 CPU, ``grad_a`` and ``grad_p``
+    with rows of one common stride (column blocks of one matrix, so that a single product
+    takes both heads' gradients).
     """
     for bias in (bias_a, bias_p):
         if bias is not None and not (_contiguous(bias) and tuple(bias.shape) == (a.shape[1],)):
@@ -128,10 +132,26 @@ def native_core(
     n_cells, n_genes = a.shape
     poisson = theta is None or log_theta is None
     mode = _THETA_NONE if poisson else (_THETA_GENE if theta.dim() == 1 else _THETA_CELL)
-    nll = torch.empty(n_cells, dtype=torch.float32)
-    grad_a = torch.empty(n_cells, n_genes, dtype=torch.float32)
-    grad_p = torch.empty_like(grad_a) if zinb else None
-    grad_lt = torch.empty_like(grad_a) if want_theta and not poisson else None
+    if out is None:
+        nll = torch.empty(n_cells, dtype=torch.float32)
+        grad_a = torch.empty(n_cells, n_genes, dtype=torch.float32)
+        grad_p = torch.empty_like(grad_a) if zinb else None
+    else:
+        nll, grad_a, grad_p = out
+        if not (
+            _contiguous(nll)
+            and tuple(nll.shape) == (n_cells,)
+            and _rows_dense(grad_a, (n_cells, n_genes))
+            and (grad_p is None) == (not zinb)
+            and (
+                grad_p is None
+                or (
+                    _rows_dense(grad_p, (n_cells, n_genes)) and grad_p.stride(0) == grad_a.stride(0)
+                )
+            )
+        ):
+            raise ValueError("the output buffers do not fit the logits")
+    grad_lt = torch.empty(n_cells, n_genes) if want_theta and not poisson else None
 
     def address(t: torch.Tensor | None) -> int:
         return 0 if t is None else t.data_ptr()
@@ -157,6 +177,7 @@ def native_core(
         address(bias_a),
         address(bias_p),
         csr_args,
+        grad_a.stride(0) if n_cells > 1 else n_genes,
         torch.get_num_threads(),
     )
     return nll, grad_a, grad_p, grad_lt

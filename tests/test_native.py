@@ -34,6 +34,26 @@ def test_dense_rows_equal_scipys(index_dtype: type) -> None:
     assert native.dense_rows(csr, np.array([], dtype=np.int64)).shape == (0, 33)
 
 
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_dense_rows_of_unsorted_and_duplicated_columns_equal_scipys(index_dtype: type) -> None:
+    """Rows outside scipy's canonical format take the general pass; duplicates add up."""
+    indptr = np.array([0, 3, 6, 8], dtype=index_dtype)
+    indices = np.array([4, 1, 2, 0, 3, 3, 2, 5], dtype=index_dtype)  # unsorted; 3 twice
+    data = np.arange(1, 9, dtype=np.float32)
+    csr = sp.csr_matrix((data, indices, indptr), shape=(3, 6))
+    csr.indices, csr.indptr = indices, indptr  # the index width under test
+    assert not csr.has_canonical_format
+    rows = np.array([0, 1, 2, 1])
+    out = native.dense_rows(csr, rows)
+    assert out is not None
+    expected = np.zeros((3, 6), dtype=np.float32)
+    for r in range(3):
+        for k in range(indptr[r], indptr[r + 1]):
+            expected[r, indices[k]] += data[k]
+    np.testing.assert_array_equal(out.numpy(), expected[rows])
+    assert out[1, 3] == 11.0  # 5 + 6
+
+
 def test_dense_rows_refuse_rows_and_columns_outside_the_matrix() -> None:
     csr = _matrix(np.int32)
     with pytest.raises(IndexError):
