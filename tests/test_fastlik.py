@@ -198,6 +198,41 @@ def test_c_core_adds_the_heads_biases_to_each_row(likelihood: str) -> None:
 
 
 @needs_c
+def test_c_core_writes_both_gradients_into_one_buffer() -> None:
+    """Given outputs: grad_a and grad_p as column blocks of one matrix, same values."""
+    a, p, x, log_lib, theta, log_theta = _inputs()
+    n, g = a.shape
+    fresh = native.native_core(a, p, x, log_lib, theta, log_theta, zinb=True, want_theta=True)
+    both, nll = torch.full((n, 2 * g), float("nan")), torch.empty(n)
+    given = native.native_core(
+        a,
+        p,
+        x,
+        log_lib,
+        theta,
+        log_theta,
+        zinb=True,
+        want_theta=True,
+        out=(nll, both[:, :g], both[:, g:]),
+    )
+    assert given[0] is nll
+    for f, o in zip(fresh, (nll, both[:, :g], both[:, g:], given[3]), strict=True):
+        torch.testing.assert_close(o, f, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="output buffers"):
+        native.native_core(
+            a,
+            p,
+            x,
+            log_lib,
+            theta,
+            log_theta,
+            zinb=True,
+            want_theta=False,
+            out=(nll, both[:, :g], both[:-1, g:]),
+        )
+
+
+@needs_c
 def test_c_core_declines_what_it_cannot_read(monkeypatch: pytest.MonkeyPatch) -> None:
     a, p, x, log_lib, theta, log_theta = _inputs()
     assert native.supports(a, p, x, log_lib, theta, log_theta)
