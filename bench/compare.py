@@ -110,8 +110,10 @@ def run_child(name: str, cmd: list[str], *, log: Path, threads: int) -> None:
     sys.stderr.write(f"[compare] {name}: done in {time.perf_counter() - t0:.0f} s\n")
 
 
-def side_cmd(python: str, script: str, data: tuple[Path, Path], base: Path, args: Any) -> list[str]:
-    """The command line of one side."""
+def side_cmd(
+    python: str, script: str, data: tuple[Path, Path], base: Path, args: Any, seed: int
+) -> list[str]:
+    """The command line of one side, training with ``seed``."""
     return [
         python,
         str(BENCH / script),
@@ -134,18 +136,30 @@ def side_cmd(python: str, script: str, data: tuple[Path, Path], base: Path, args
         "--threads",
         str(args.threads),
         "--seed",
-        str(args.seed),
+        str(seed),
     ]
 
 
 def run_side(
-    tool: str, python: str, script: str, data: tuple[Path, Path], args: Any, extra: list[str]
+    tool: str,
+    python: str,
+    script: str,
+    data: tuple[Path, Path],
+    args: Any,
+    extra: list[str],
+    *,
+    seed: int | None = None,
 ) -> dict[str, Any]:
-    """Run one side, then score its latents; the result JSON with ``quality`` added."""
-    base = Path(args.out) / "runs" / f"{data[0].stem.removesuffix('_ref')}_{tool}"
+    """Run one side, then score its latents; the result JSON with ``quality`` added.
+
+    ``seed`` (default ``--seed``) seeds training only; the data stay those of ``--seed``.
+    """
+    seed = args.seed if seed is None else seed
+    tag = "" if seed == args.seed else f"_train{seed}"
+    base = Path(args.out) / "runs" / f"{data[0].stem.removesuffix('_ref')}_{tool}{tag}"
     run_child(
-        tool,
-        side_cmd(python, script, data, base, args) + extra,
+        tool if not tag else f"{tool} (training seed {seed})",
+        side_cmd(python, script, data, base, args, seed) + extra,
         log=base.with_suffix(".log"),
         threads=args.threads,
     )
@@ -153,6 +167,30 @@ def run_side(
     z = np.load(base.with_suffix(".npz"))
     result["quality"] = knn_quality(z["z_ref"], z["y_ref"], z["z_query"], z["y_query"])
     return result
+
+
+def replicates(
+    data: tuple[Path, Path],
+    args: Any,
+    peer: str | None,
+    hub: dict[str, Any],
+    peer_result: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Quality of each tool over ``--quality-seeds`` training seeds (the main run first)."""
+    seeds = [args.seed + i for i in range(args.quality_seeds)]
+    out: dict[str, Any] = {"seeds": seeds, "hubarches": [hub["quality"]], "peer": None}
+    hub_extra = ["--split", args.split]
+    for seed in seeds[1:]:
+        result = run_side(
+            "hubarches", sys.executable, "run_hubarches.py", data, args, hub_extra, seed=seed
+        )
+        out["hubarches"].append(result["quality"])
+    if peer and peer_result:
+        out["peer"] = [peer_result["quality"]]
+        for seed in seeds[1:]:
+            result = run_side("scvi-tools", peer, "peer_scvi.py", data, args, [], seed=seed)
+            out["peer"].append(result["quality"])
+    return out
 
 
 def run_json_tool(name: str, cmd: list[str], out_json: Path, args: Any) -> dict[str, Any]:
@@ -243,6 +281,9 @@ def command_line(args: Any) -> str:
         parts += ["--peer-python", "<peer-python>"]
     if args.skip_load:
         parts.append("--skip-load")
+    if args.quality_seeds != 3 or args.quality_sizes != ["small"]:
+        parts += ["--quality-seeds", str(args.quality_seeds), "--quality-sizes"]
+        parts += args.quality_sizes
     return " ".join(parts)
 
 
@@ -267,6 +308,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="how hubarches holds 10%% out: subset (train on 90%%, no validation pass, the "
         "peer's work) or validation (validation_fraction=0.1, a validation loss every epoch)",
     )
+    ap.add_argument(
+        "--quality-seeds",
+        type=int,
+        default=3,
+        help="training seeds per tool for the quality comparison of --quality-sizes, the main"
+        " run's (--seed) first: kNN accuracy and mixing differ by a few hundredths from seed to"
+        " seed, more than between the tools (default 3; 1 for the main run alone)",
+    )
+    ap.add_argument("--quality-sizes", nargs="+", choices=list(SIZES), default=["small"])
     ap.add_argument("--peer-python", default=None, help="a Python with scvi-tools installed")
     ap.add_argument("--no-peer", action="store_true", help="never run scvi-tools")
     ap.add_argument("--skip-load", action="store_true", help="skip the load_reference timing")
@@ -281,6 +331,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if min(args.ref_epochs, args.query_epochs) < 1:
         ap.error("--ref-epochs and --query-epochs must be ≥ 1")
+    if args.quality_seeds < 1:
+        ap.error("--quality-seeds must be ≥ 1")
     return args
 
 
@@ -323,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
             args,
         )
         runs[size] = {"hubarches": hub, "peer": peer_result, "micro": micro}
+        if size in args.quality_sizes and args.quality_seeds > 1:
+            runs[size]["replicates"] = replicates(data, args, peer, hub, peer_result)
     load = None
     if not args.skip_load:
         load = run_json_tool(

@@ -25,7 +25,7 @@ enum { NORM_NONE = 0, NORM_LAYER = 1, NORM_AFFINE = 2 };
 
 /* Work (multiply-adds) from which a block is spread over threads: a parallel region costs a
  * few microseconds, more than a small block's whole pass. */
-#define PARALLEL_WORK (1 << 17)
+#define PARALLEL_WORK (1 << 13)
 
 static void *as_pointer(Py_ssize_t address) { return (void *)(uintptr_t)address; }
 
@@ -43,7 +43,7 @@ typedef struct {
 
 typedef struct {
     Py_ssize_t n_cells, n_in, n_out, x_stride;
-    const float *x, *W, *b;
+    const float *x, *WT, *b; /* WT: the expression weight transposed, [n_in, n_out] */
     const int64_t *rows, *codes;
     Py_ssize_t n_codes;
     int n_cov;
@@ -51,9 +51,32 @@ typedef struct {
     int norm;
     const float *scale, *shift;
     float eps;
-    const float *mask;
+    float *mask;      /* [n_cells, n_out] scaled dropout mask, or NULL for none */
+    float keep;       /* 1 - dropout rate; the mask is drawn in forward when keep < 1 */
+    uint64_t seed;    /* of this pass's mask */
     float *y, *rstd, *out;
 } Block;
+
+/* splitmix64's output function: a well-mixed 64-bit value of a counter. */
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+/* Cell i's dropout mask: Bernoulli(keep) / keep per unit, from a counter-based stream (cell
+ * and unit number mixed into the seed), so the draws do not depend on the thread split. */
+static void draw_mask(float *restrict mask, Py_ssize_t n_out, uint64_t seed, Py_ssize_t i,
+                      float keep) {
+    const uint64_t base = mix64(seed + 0xD1B54A32D192ED03ULL * (uint64_t)(i + 1));
+    const float scale = 1.0f / keep;
+    const uint32_t threshold = (uint32_t)((double)keep * 16777216.0); /* keep · 2^24 */
+#pragma omp simd
+    for (Py_ssize_t o = 0; o < n_out; o++) {
+        const uint32_t u = (uint32_t)(mix64(base + 0x9E3779B97F4A7C15ULL * (uint64_t)(o + 1)) >> 40);
+        mask[o] = u < threshold ? scale : 0.0f;
+    }
+}
 
 /* Read the covariate table (COVARIATE_FIELDS int64 per covariate) that Python packed. */
 static int read_covariates(Block *blk, Py_ssize_t table, Py_ssize_t n_cov) {
@@ -91,13 +114,15 @@ static void forward_cell(const Block *blk, Py_ssize_t i) {
     const Py_ssize_t n_in = blk->n_in, n_out = blk->n_out;
     const float *restrict src = blk->x + (blk->rows ? blk->rows[i] : i) * blk->x_stride;
     float *restrict y = blk->y + i * n_out;
-    if (blk->W) {
-        for (Py_ssize_t o = 0; o < n_out; o++) {
-            const float *restrict w = blk->W + o * n_in;
-            float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-            for (Py_ssize_t k = 0; k < n_in; k++) acc += w[k] * src[k];
-            y[o] = acc + (blk->b ? blk->b[o] : 0.0f);
+    if (blk->WT) {
+        /* Along the outputs, one input at a time: vector loops of n_out, whatever n_in is
+         * (the decoder's first block reads n_latent = 10 inputs). */
+        for (Py_ssize_t o = 0; o < n_out; o++) y[o] = blk->b ? blk->b[o] : 0.0f;
+        for (Py_ssize_t k = 0; k < n_in; k++) {
+            const float *restrict w = blk->WT + k * n_out;
+            const float xk = src[k];
+#pragma omp simd
+            for (Py_ssize_t o = 0; o < n_out; o++) y[o] += xk * w[o];
         }
     } else {
         for (Py_ssize_t o = 0; o < n_out; o++) y[o] = src[o] + (blk->b ? blk->b[o] : 0.0f);
@@ -125,7 +150,8 @@ static void forward_cell(const Block *blk, Py_ssize_t i) {
         for (Py_ssize_t o = 0; o < n_out; o++) y[o] = y[o] * blk->scale[o] + blk->shift[o];
     }
     float *restrict out = blk->out + i * n_out;
-    const float *restrict mask = blk->mask ? blk->mask + i * n_out : NULL;
+    float *restrict mask = blk->mask ? blk->mask + i * n_out : NULL;
+    if (mask) draw_mask(mask, n_out, blk->seed, i, blk->keep);
 #pragma omp simd
     for (Py_ssize_t o = 0; o < n_out; o++) {
         const float a = y[o] > 0.0f ? y[o] : 0.0f;
@@ -134,23 +160,27 @@ static void forward_cell(const Block *blk, Py_ssize_t i) {
 }
 
 PyDoc_STRVAR(block_forward_doc,
-             "block_forward(n_cells, n_in, n_out, x, x_stride, rows, W, b, codes, n_codes,"
-             " covariates, n_cov, norm, scale, shift, eps, mask, y, rstd, out, n_threads)\n\n"
-             "One hidden block forward; see hubarches.fastnet.");
+             "block_forward(n_cells, n_in, n_out, x, x_stride, rows, WT, b, codes, n_codes,"
+             " covariates, n_cov, norm, scale, shift, eps, mask, keep, seed, y, rstd, out,"
+             " n_threads)\n\n"
+             "One hidden block forward; see hubarches.fastnet. With a mask buffer, the dropout\n"
+             "mask (keep probability ``keep``) is drawn into it from ``seed``.");
 
 static PyObject *block_forward(PyObject *self, PyObject *args) {
     Block blk;
     Py_ssize_t x, rows, W, b, codes, table, n_cov, scale, shift, mask, y, rstd, out;
+    unsigned long long seed;
     int n_threads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnnnnnnnnnnninnfnnnni", &blk.n_cells, &blk.n_in, &blk.n_out,
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnnnninnfnfKnnni", &blk.n_cells, &blk.n_in, &blk.n_out,
                           &x, &blk.x_stride, &rows, &W, &b, &codes, &blk.n_codes, &table,
-                          &n_cov, &blk.norm, &scale, &shift, &blk.eps, &mask, &y, &rstd, &out,
-                          &n_threads))
+                          &n_cov, &blk.norm, &scale, &shift, &blk.eps, &mask, &blk.keep, &seed,
+                          &y, &rstd, &out, &n_threads))
         return NULL;
+    blk.seed = (uint64_t)seed;
     blk.x = as_pointer(x);
     blk.rows = as_pointer(rows);
-    blk.W = as_pointer(W);
+    blk.WT = as_pointer(W);
     blk.b = as_pointer(b);
     blk.codes = as_pointer(codes);
     blk.scale = as_pointer(scale);
@@ -160,9 +190,10 @@ static PyObject *block_forward(PyObject *self, PyObject *args) {
     blk.rstd = as_pointer(rstd);
     blk.out = as_pointer(out);
     if (blk.n_cells < 0 || blk.n_in < 1 || blk.n_out < 1 || !blk.x || !blk.y || !blk.out ||
-        (!blk.W && blk.n_in != blk.n_out) || blk.norm < NORM_NONE || blk.norm > NORM_AFFINE ||
+        (!blk.WT && blk.n_in != blk.n_out) || blk.norm < NORM_NONE || blk.norm > NORM_AFFINE ||
         (blk.norm == NORM_LAYER && !blk.rstd) ||
         (blk.norm == NORM_AFFINE && (!blk.scale || !blk.shift)) ||
+        (blk.mask && !(blk.keep > 0.0f && blk.keep < 1.0f)) ||
         read_covariates(&blk, table, n_cov) != 0 || (blk.n_cov > 0 && !blk.codes)) {
         PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastnet.block_forward");
         return NULL;
@@ -171,7 +202,7 @@ static PyObject *block_forward(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "a covariate code lies outside the block's columns");
         return NULL;
     }
-    const int parallel = blk.n_cells * (blk.W ? blk.n_in : 1) * blk.n_out >= PARALLEL_WORK;
+    const int parallel = blk.n_cells * (blk.WT ? blk.n_in : 1) * blk.n_out >= PARALLEL_WORK;
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel for schedule(static) num_threads(n_threads) if (parallel)
     for (Py_ssize_t i = 0; i < blk.n_cells; i++) forward_cell(&blk, i);
@@ -207,14 +238,14 @@ static void backward_cell(const Block *blk, Py_ssize_t i, const float *dout, flo
 #pragma omp simd
         for (Py_ssize_t o = 0; o < n_out; o++) d[o] *= blk->scale[o];
     }
-    if (dx && blk->W) {
+    if (dx && blk->WT) {
         float *restrict out = dx + i * n_in;
-        memset(out, 0, sizeof(float) * (size_t)n_in);
-        for (Py_ssize_t o = 0; o < n_out; o++) {
-            const float *restrict w = blk->W + o * n_in;
-            const float g = d[o];
-#pragma omp simd
-            for (Py_ssize_t k = 0; k < n_in; k++) out[k] += g * w[k];
+        for (Py_ssize_t k = 0; k < n_in; k++) {
+            const float *restrict w = blk->WT + k * n_out;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (Py_ssize_t o = 0; o < n_out; o++) acc += w[o] * d[o];
+            out[k] = acc;
         }
     }
 }
@@ -236,7 +267,7 @@ static void covariate_gradients(const Block *blk, const float *dpre) {
 }
 
 PyDoc_STRVAR(block_backward_doc,
-             "block_backward(n_cells, n_in, n_out, W, codes, n_codes, covariates, n_cov, norm,"
+             "block_backward(n_cells, n_in, n_out, WT, codes, n_codes, covariates, n_cov, norm,"
              " scale, mask, y, rstd, dout, out_scale, dpre, dx, n_threads)\n\n"
              "One hidden block backward, from the saved forward state; see hubarches.fastnet.");
 
@@ -251,7 +282,7 @@ static PyObject *block_backward(PyObject *self, PyObject *args) {
                           &codes, &blk.n_codes, &table, &n_cov, &blk.norm, &scale, &mask, &y,
                           &rstd, &dout, &out_scale, &dpre, &dx, &n_threads))
         return NULL;
-    blk.W = as_pointer(W);
+    blk.WT = as_pointer(W);
     blk.codes = as_pointer(codes);
     blk.scale = as_pointer(scale);
     blk.mask = as_pointer(mask);
@@ -260,7 +291,7 @@ static PyObject *block_backward(PyObject *self, PyObject *args) {
     const float *d_out = as_pointer(dout);
     float *d_pre = as_pointer(dpre), *d_x = as_pointer(dx);
     if (blk.n_cells < 0 || blk.n_in < 1 || blk.n_out < 1 || !blk.y || !d_out || !d_pre ||
-        (d_x && !blk.W) || blk.norm < NORM_NONE || blk.norm > NORM_AFFINE ||
+        (d_x && !blk.WT) || blk.norm < NORM_NONE || blk.norm > NORM_AFFINE ||
         (blk.norm == NORM_LAYER && !blk.rstd) || (blk.norm == NORM_AFFINE && !blk.scale) ||
         read_covariates(&blk, table, n_cov) != 0 || (blk.n_cov > 0 && !blk.codes)) {
         PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastnet.block_backward");

@@ -7,9 +7,10 @@ and the C core of :mod:`hubarches.native`), back through the decoder's hidden bl
 reparametrised sample and the encoder's hidden blocks. The hidden blocks and latent heads are
 ``cells × n_hidden`` arrays; through PyTorch they cost ~100 operations and autograd's
 bookkeeping a step, as much time on two cores as the gene-wide products. :class:`QueryStep`
-runs them in C (``hubarches._fastnet``), one call per block each way, with the noise and the
-dropout masks drawn exactly as :meth:`hubarches.model.CVAE.loss` draws them, so the losses
-and gradients are the autograd path's to float rounding (``tests/test_fastnet.py``).
+runs them in C (``hubarches._fastnet``), one call per block each way. The noise is drawn as
+:meth:`hubarches.model.CVAE.loss` draws it, the dropout masks (when on) in C; for the same
+draws the losses and gradients are the autograd path's to float rounding
+(``tests/test_fastnet.py``).
 
 Used for float32 CPU models whose dispersion is frozen; :func:`query_step` returns None
 elsewhere (a GPU, float64, gene-batch dispersion, ``HUBARCHES_NATIVE=0``, no compiler at
@@ -83,7 +84,7 @@ class _Block:
 
     n_in: int
     n_out: int
-    weight: torch.Tensor | None  # None: the input is the precomputed first-layer product
+    weight: torch.Tensor | None  # [n_in, n_out]; None: the input is the first-layer product
     bias: torch.Tensor | None
     table: np.ndarray  # int64 [n_cov, 6]: column, ref, k_ref, added, k_new, grad
     trains: bool
@@ -138,7 +139,8 @@ def _block(
         raise ValueError("too many covariates for the hand-written pass")
     table, trains = _covariate_table(list(linear.covariates), grads)
     kind, scale, shift, eps = _norm_plan(block.norm)
-    weight = None if first else linear.expression.weight.detach()
+    # Transposed, [n_in, n_out]: the C passes run along the outputs.
+    weight = None if first else linear.expression.weight.detach().t().contiguous()
     bias = None if first else linear.expression.bias.detach()
     if not (_plain(weight) and _plain(bias)):
         raise ValueError("block weights must be contiguous float32 CPU tensors")
@@ -169,6 +171,7 @@ class _State:
     out: list[torch.Tensor]
     dpre: list[torch.Tensor]
     dx: list[torch.Tensor]
+    mask: list[torch.Tensor]  # each step's scaled dropout masks, drawn in C
 
     def address(self, name: str, k: int) -> int:
         """Address of buffer ``name`` of block ``k`` (looked up once, then cached)."""
@@ -189,6 +192,7 @@ def _state(blocks: list[_Block], n: int) -> _State:
         out=[torch.empty(n, b.n_out) for b in blocks],
         dpre=[torch.empty(n, b.n_out) for b in blocks],
         dx=[torch.empty(n, b.n_in) for b in blocks],
+        mask=[torch.empty(n, b.n_out) for b in blocks],
     )
 
 
@@ -276,9 +280,12 @@ class QueryStep:
         source: tuple[int, int],
         rows: int,
         codes: np.ndarray,
-        masks: list[torch.Tensor | None],
+        seeds: list[int | None],
     ) -> None:
-        """Run ``blocks`` from ``source`` (address, row stride), reading its ``rows`` (0: all)."""
+        """Run ``blocks`` from ``source`` (address, row stride), reading its ``rows`` (0: all).
+
+        Blocks with a dropout ``seed`` draw their mask from it into ``state.mask``.
+        """
         assert _fastnet is not None
         n = len(codes)
         threads = torch.get_num_threads()
@@ -302,7 +309,9 @@ class QueryStep:
                 scale,
                 shift,
                 b.eps,
-                _address(masks[k]),
+                0 if seeds[k] is None else state.address("mask", k),
+                1.0 - b.dropout,
+                seeds[k] or 0,
                 state.address("y", k),
                 state.address("rstd", k),
                 state.address("out", k),
@@ -317,7 +326,7 @@ class QueryStep:
         grad: int,
         scale: float,
         codes: np.ndarray,
-        masks: list[torch.Tensor | None],
+        seeds: list[int | None],
         *,
         input_grad: int,
     ) -> None:
@@ -347,7 +356,7 @@ class QueryStep:
                 len(b.table),
                 b.norm,
                 scale_at,
-                _address(masks[k]),
+                0 if seeds[k] is None else state.address("mask", k),
                 state.address("y", k),
                 state.address("rstd", k),
                 grad,
@@ -358,16 +367,16 @@ class QueryStep:
             )
             grad, scale = state.address("dx", k), 1.0
 
-    def _masks(self, blocks: list[_Block], n: int) -> list[torch.Tensor | None]:
-        """Scaled dropout masks, drawn as ``torch.nn.functional.dropout`` draws them on CPU."""
-        out: list[torch.Tensor | None] = []
-        for b in blocks:
-            if b.dropout > 0.0:
-                keep = 1.0 - b.dropout
-                out.append(torch.empty(n, b.n_out).bernoulli_(keep).div_(keep))
-            else:
-                out.append(None)
-        return out
+    def _dropout_seeds(self, blocks: list[_Block]) -> list[int | None]:
+        """A mask seed for each block whose dropout is on, from torch's global generator.
+
+        Training seeds that generator per run, so runs repeat. The C pass draws the masks
+        (Bernoulli(1 − rate) / (1 − rate) per unit, as ``nn.Dropout``): torch's
+        ``bernoulli_`` costs ~0.1 ms a step, 4 % of the step, for 128 × 128 draws.
+        """
+        return [
+            int(torch.randint(0, 2**62, (1,)).item()) if b.dropout > 0.0 else None for b in blocks
+        ]
 
     def _heads(
         self, h: torch.Tensor, batch: Minibatch, rows: np.ndarray, out: dict[str, torch.Tensor]
@@ -421,10 +430,9 @@ class QueryStep:
         codes = np.ascontiguousarray(self.codes[rows])
         enc_state, dec_state, lat = self._buffers(n)
         threads = torch.get_num_threads()
-        # The noise first, then the dropout masks: the order CVAE.loss draws them in.
         noise = self.model.draw_noise(n, generator=generator, like=self.first_expression)
-        enc_masks = self._masks(self.encoder, n)
-        dec_masks: list[torch.Tensor | None] = [None] * len(self.decoder)
+        enc_masks = self._dropout_seeds(self.encoder)
+        dec_masks: list[int | None] = [None] * len(self.decoder)
         first = (_address(self.first_expression), self.first_expression.stride(0))
         self._forward_blocks(self.encoder, enc_state, first, _address(rows), codes, enc_masks)
         wm, bm, wv, bv = self.latent

@@ -125,9 +125,6 @@ def test_query_step_equals_plain_loss_and_gradients(
     ext = _grown(cfg)
     x, codes = _data(cfg)
     step = _step(ext, x, codes, dropout=dropout)
-    drawn: list[list[torch.Tensor | None]] = []
-    draw = step._masks
-    step._masks = lambda blocks, n: drawn.append(draw(blocks, n)) or drawn[-1]  # type: ignore[method-assign]
     noise_seed = 5
     rows = np.arange(N_CELLS)[::-1].copy()  # not in order: rows index the cached terms
     torch.manual_seed(11)
@@ -136,7 +133,8 @@ def test_query_step_equals_plain_loss_and_gradients(
     assert (batch.stored is None) == dense
     stats = step(rows, batch, torch.Generator().manual_seed(noise_seed), 0.3)
     noise = ext.draw_noise(N_CELLS, generator=torch.Generator().manual_seed(noise_seed), like=x)
-    masks = drawn[0]
+    state = step._buffers(N_CELLS)[0]
+    masks = [state.mask[k] if b.dropout > 0 else None for k, b in enumerate(step.encoder)]
     assert (masks[0] is not None) == (dropout and cfg.dropout > 0)
     expected, grads = _plain_gradients(ext, x[rows], codes[rows], noise, masks, 0.3)
     np.testing.assert_allclose(stats.numpy(), expected, rtol=2e-5, atol=1e-3)
@@ -148,13 +146,13 @@ def test_query_step_equals_plain_loss_and_gradients(
         torch.testing.assert_close(p.grad.double() / scale, g / scale, rtol=0, atol=2e-5)
 
 
-def test_query_step_draws_what_the_autograd_step_draws() -> None:
-    """Same seeds, same noise and dropout masks: training takes the same path either way."""
+def test_query_step_trains_as_the_autograd_step_does() -> None:
+    """Same seeds, same noise (dropout off): training takes the same path either way."""
     cfg = ModelConfig(n_genes=N_GENES, covariate_sizes=(2,), n_hidden=16, n_latent=4)
     ext = _grown(cfg)
     x, codes = _data(cfg)
     counts = CountMatrix.from_matrix(x.numpy())
-    options = TrainOptions(epochs=3, batch_size=8, dropout_in_query=True, seed=2)
+    options = TrainOptions(epochs=3, batch_size=8, seed=2)
     results = []
     for use_step in (True, False):
         model = copy.deepcopy(ext)
@@ -172,6 +170,34 @@ def test_query_step_draws_what_the_autograd_step_draws() -> None:
     for a, b in zip(w_fast, w_plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
     assert not torch.equal(w_fast[0], new_parameters(ext)[0])  # training moved them
+
+
+def test_dropout_masks_are_drawn_as_dropout_draws_them() -> None:
+    """Bernoulli(0.9)/0.9 per unit, new each step, the same for the same torch seed."""
+    cfg = ModelConfig(n_genes=N_GENES, covariate_sizes=(2,), n_hidden=64, n_latent=4)
+    ext = _grown(cfg)
+    x, codes = _data(cfg)
+    batch = CountMatrix.from_matrix(x.numpy()).minibatch(np.arange(N_CELLS))
+
+    def masks(seed: int, steps: int) -> list[torch.Tensor]:
+        step = _step(ext, x, codes, dropout=True)
+        torch.manual_seed(seed)
+        out = []
+        for _ in range(steps):
+            step(np.arange(N_CELLS), batch, torch.Generator().manual_seed(0), 1.0)
+            out.append(step._buffers(N_CELLS)[0].mask[0].clone())
+        return out
+
+    drawn = masks(3, 20)
+    values = torch.stack(drawn)
+    assert values.unique().tolist() == pytest.approx([0.0, 1 / 0.9])
+    kept = float((values > 0).float().mean())
+    assert abs(kept - 0.9) < 0.01  # 30,720 draws: σ = 0.0017
+    assert not torch.equal(drawn[0], drawn[1])
+    assert all(torch.equal(a, b) for a, b in zip(drawn[:3], masks(3, 3), strict=True))
+    assert not torch.equal(drawn[0], masks(4, 1)[0])
+    per_unit = (values > 0).float().mean(dim=(0, 1))  # no unit systematically dropped
+    assert float(per_unit.min()) > 0.8
 
 
 def _inputs(ext: CVAE, x: torch.Tensor, codes: torch.Tensor) -> dict:

@@ -257,14 +257,14 @@ def test_query_dropout_is_off_by_default_and_optional(
     if hand_written:
         if fastnet._fastnet is None:
             pytest.skip("C extension not built")
-        draw = fastnet.QueryStep._masks
+        draw = fastnet.QueryStep._dropout_seeds
 
-        def spy(self: fastnet.QueryStep, blocks: list, n: int) -> list:
-            masks = draw(self, blocks, n)
-            seen.extend(m is not None for m in masks)
-            return masks
+        def spy(self: fastnet.QueryStep, blocks: list) -> list:
+            seeds = draw(self, blocks)
+            seen.extend(s is not None for s in seeds)
+            return seeds
 
-        monkeypatch.setattr(fastnet.QueryStep, "_masks", spy)
+        monkeypatch.setattr(fastnet.QueryStep, "_dropout_seeds", spy)
     else:
         monkeypatch.setattr(train_module, "query_step", lambda *a, **k: None)
     assert TrainOptions().dropout_in_query is False
