@@ -86,9 +86,9 @@ Progress = Callable[[EpochStats, int], None]
 """Called after each epoch with its statistics and the planned number of epochs."""
 
 StepLoss = Callable[[np.ndarray, Minibatch, torch.Generator], LossTerms]
-FusedStep = Callable[[np.ndarray, Minibatch, torch.Generator, float], torch.Tensor]
+FusedStep = Callable[[np.ndarray, Minibatch, torch.Generator, float], tuple[float, float, float]]
 """A step that writes its gradients itself (``QueryStep``): ``(rows, batch, generator, KL
-weight) -> [loss, reconstruction, KL]``."""
+weight) -> (loss, reconstruction, KL)``, batch means."""
 """Loss terms of a minibatch given its row indices and its counts."""
 
 
@@ -177,13 +177,16 @@ def _epochs(
         set_mode()
         # Sums stay on the device: reading a loss back every step would synchronise a GPU.
         sums = torch.zeros(3, device=device, dtype=torch.float64)
+        host_sums = np.zeros(3)  # the fused step's, already on the host
         seen = 0
         for batch_rows, batch in counts.batches(train_rows, options.batch_size, rng):
             if len(batch_rows) < 2 and len(train_rows) > 1:
                 continue  # a one-cell batch would break batch norm and adds only noise
             batch = batch.to(device, dtype)
             if fused is not None:
-                part = fused(batch_rows, batch, generator, kl_weight)
+                host_sums += len(batch_rows) * np.asarray(
+                    fused(batch_rows, batch, generator, kl_weight)
+                )
                 optimizer.step()
             else:
                 terms = step_loss(batch_rows, batch, generator)
@@ -193,9 +196,9 @@ def _epochs(
                 optimizer.step()
                 with torch.no_grad():
                     part = torch.stack([loss, terms.reconstruction.mean(), terms.kl.mean()])
-            sums += len(batch_rows) * part.double()
+                sums += len(batch_rows) * part.double()
             seen += len(batch_rows)
-        mean = (sums / max(seen, 1)).cpu().numpy()
+        mean = (sums.cpu().numpy() + host_sums) / max(seen, 1)
         if not np.all(np.isfinite(mean)):
             raise TrainingError(
                 f"the loss became non-finite in epoch {epoch}",
