@@ -7,11 +7,13 @@
  * autograd bookkeeping on them, which on two cores costs as much as the decoder's gene-wide
  * products. Here each block is one pass over its cells, forward and backward.
  *
- * block_forward / block_backward: one hidden block, CovariateLinear -> normalization ->
- * ReLU -> dropout (hubarches.nn.HiddenBlock), with the covariate columns of the reference
- * and of surgery read in place and the gradient of the added columns summed per category.
- * latent_forward / latent_backward: the encoder's heads, the reparametrised sample and the KL
- * divergence to the prior (hubarches.model.CVAE.sample_z).
+ * net_forward: cell by cell, the encoder's hidden blocks (hubarches.nn.HiddenBlock:
+ * CovariateLinear -> normalization -> ReLU -> dropout, the mask drawn here), the latent heads,
+ * the reparametrised sample and its KL divergence to the prior (CVAE.sample_z), and the
+ * decoder's hidden blocks; the covariate columns of the reference and of surgery are read in
+ * place. net_backward: from the gradient at the decoder's last block back to the lowest block
+ * with trainable columns, then the gradient of the added columns summed per category. One
+ * parallel pass over the cells each way: every step of the small network is per cell.
  * Every array is float32, rows contiguous; addresses come from hubarches.fastnet.
  */
 #define PY_SSIZE_T_CLEAN
@@ -23,9 +25,6 @@
 
 enum { NORM_NONE = 0, NORM_LAYER = 1, NORM_AFFINE = 2 };
 
-/* Work (multiply-adds) from which a block is spread over threads: a parallel region costs a
- * few microseconds, more than a small block's whole pass. */
-#define PARALLEL_WORK (1 << 13)
 
 static void *as_pointer(Py_ssize_t address) { return (void *)(uintptr_t)address; }
 
@@ -159,56 +158,6 @@ static void forward_cell(const Block *blk, Py_ssize_t i) {
     }
 }
 
-PyDoc_STRVAR(block_forward_doc,
-             "block_forward(n_cells, n_in, n_out, x, x_stride, rows, WT, b, codes, n_codes,"
-             " covariates, n_cov, norm, scale, shift, eps, mask, keep, seed, y, rstd, out,"
-             " n_threads)\n\n"
-             "One hidden block forward; see hubarches.fastnet. With a mask buffer, the dropout\n"
-             "mask (keep probability ``keep``) is drawn into it from ``seed``.");
-
-static PyObject *block_forward(PyObject *self, PyObject *args) {
-    Block blk;
-    Py_ssize_t x, rows, W, b, codes, table, n_cov, scale, shift, mask, y, rstd, out;
-    unsigned long long seed;
-    int n_threads;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "nnnnnnnnnnnninnfnfKnnni", &blk.n_cells, &blk.n_in, &blk.n_out,
-                          &x, &blk.x_stride, &rows, &W, &b, &codes, &blk.n_codes, &table,
-                          &n_cov, &blk.norm, &scale, &shift, &blk.eps, &mask, &blk.keep, &seed,
-                          &y, &rstd, &out, &n_threads))
-        return NULL;
-    blk.seed = (uint64_t)seed;
-    blk.x = as_pointer(x);
-    blk.rows = as_pointer(rows);
-    blk.WT = as_pointer(W);
-    blk.b = as_pointer(b);
-    blk.codes = as_pointer(codes);
-    blk.scale = as_pointer(scale);
-    blk.shift = as_pointer(shift);
-    blk.mask = as_pointer(mask);
-    blk.y = as_pointer(y);
-    blk.rstd = as_pointer(rstd);
-    blk.out = as_pointer(out);
-    if (blk.n_cells < 0 || blk.n_in < 1 || blk.n_out < 1 || !blk.x || !blk.y || !blk.out ||
-        (!blk.WT && blk.n_in != blk.n_out) || blk.norm < NORM_NONE || blk.norm > NORM_AFFINE ||
-        (blk.norm == NORM_LAYER && !blk.rstd) ||
-        (blk.norm == NORM_AFFINE && (!blk.scale || !blk.shift)) ||
-        (blk.mask && !(blk.keep > 0.0f && blk.keep < 1.0f)) ||
-        read_covariates(&blk, table, n_cov) != 0 || (blk.n_cov > 0 && !blk.codes)) {
-        PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastnet.block_forward");
-        return NULL;
-    }
-    if (!codes_in_range(&blk)) {
-        PyErr_SetString(PyExc_ValueError, "a covariate code lies outside the block's columns");
-        return NULL;
-    }
-    const int parallel = blk.n_cells * (blk.WT ? blk.n_in : 1) * blk.n_out >= PARALLEL_WORK;
-    Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel for schedule(static) num_threads(n_threads) if (parallel)
-    for (Py_ssize_t i = 0; i < blk.n_cells; i++) forward_cell(&blk, i);
-    Py_END_ALLOW_THREADS Py_RETURN_NONE;
-}
-
 /* dpre of one cell from the gradient at the block's output; dx when asked. */
 static void backward_cell(const Block *blk, Py_ssize_t i, const float *dout, float out_scale,
                           float *dpre, float *dx) {
@@ -266,50 +215,6 @@ static void covariate_gradients(const Block *blk, const float *dpre) {
     }
 }
 
-PyDoc_STRVAR(block_backward_doc,
-             "block_backward(n_cells, n_in, n_out, WT, codes, n_codes, covariates, n_cov, norm,"
-             " scale, mask, y, rstd, dout, out_scale, dpre, dx, n_threads)\n\n"
-             "One hidden block backward, from the saved forward state; see hubarches.fastnet.");
-
-static PyObject *block_backward(PyObject *self, PyObject *args) {
-    Block blk;
-    Py_ssize_t W, codes, table, n_cov, scale, mask, y, rstd, dout, dpre, dx;
-    float out_scale;
-    int n_threads;
-    (void)self;
-    memset(&blk, 0, sizeof blk);
-    if (!PyArg_ParseTuple(args, "nnnnnnnninnnnnfnni", &blk.n_cells, &blk.n_in, &blk.n_out, &W,
-                          &codes, &blk.n_codes, &table, &n_cov, &blk.norm, &scale, &mask, &y,
-                          &rstd, &dout, &out_scale, &dpre, &dx, &n_threads))
-        return NULL;
-    blk.WT = as_pointer(W);
-    blk.codes = as_pointer(codes);
-    blk.scale = as_pointer(scale);
-    blk.mask = as_pointer(mask);
-    blk.y = as_pointer(y);
-    blk.rstd = as_pointer(rstd);
-    const float *d_out = as_pointer(dout);
-    float *d_pre = as_pointer(dpre), *d_x = as_pointer(dx);
-    if (blk.n_cells < 0 || blk.n_in < 1 || blk.n_out < 1 || !blk.y || !d_out || !d_pre ||
-        (d_x && !blk.WT) || blk.norm < NORM_NONE || blk.norm > NORM_AFFINE ||
-        (blk.norm == NORM_LAYER && !blk.rstd) || (blk.norm == NORM_AFFINE && !blk.scale) ||
-        read_covariates(&blk, table, n_cov) != 0 || (blk.n_cov > 0 && !blk.codes)) {
-        PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastnet.block_backward");
-        return NULL;
-    }
-    if (!codes_in_range(&blk)) {
-        PyErr_SetString(PyExc_ValueError, "a covariate code lies outside the block's columns");
-        return NULL;
-    }
-    const int parallel = blk.n_cells * (d_x ? blk.n_in : 1) * blk.n_out >= PARALLEL_WORK;
-    Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel for schedule(static) num_threads(n_threads) if (parallel)
-    for (Py_ssize_t i = 0; i < blk.n_cells; i++)
-        backward_cell(&blk, i, d_out, out_scale, d_pre, d_x);
-    covariate_gradients(&blk, d_pre);
-    Py_END_ALLOW_THREADS Py_RETURN_NONE;
-}
-
 /* --- the latent heads -------------------------------------------------------------------- */
 
 typedef struct {
@@ -341,87 +246,285 @@ static void latent_cell(const Latent *t, Py_ssize_t i) {
     t->kl[i] = 0.5f * kl;
 }
 
-PyDoc_STRVAR(latent_forward_doc,
-             "latent_forward(n_cells, n_hidden, n_latent, h, Wm, bm, Wv, bv, noise, var_eps,"
-             " mean, var, z, kl, n_threads)\n\nMean, variance, sample and KL of q(z|x).");
 
-static PyObject *latent_forward(PyObject *self, PyObject *args) {
-    Latent t;
-    Py_ssize_t h, Wm, bm, Wv, bv, noise, mean, var, z, kl;
+/* dh of one cell: the gradient at the encoder's last hidden layer of dz·z + kl_scale·KL. */
+static void latent_backward_cell(const Latent *t, Py_ssize_t i, const float *dz, float kl_scale,
+                                 float *dh) {
+    const Py_ssize_t H = t->n_hidden, L = t->n_latent;
+    float *restrict out = dh + i * H;
+    memset(out, 0, sizeof(float) * (size_t)H);
+    for (Py_ssize_t l = 0; l < L; l++) {
+        const Py_ssize_t j = i * L + l;
+        const float v = t->var[j], sd = sqrtf(v);
+        /* z = m + sd·ε; KL = ½(v + m² − 1 − log v); v = exp(log_var) + var_eps */
+        const float d_mean = dz[j] + kl_scale * t->mean[j];
+        const float d_var = dz[j] * t->noise[j] * 0.5f / sd + kl_scale * 0.5f * (1.0f - 1.0f / v);
+        const float d_log_var = d_var * (v - t->var_eps);
+        const float *restrict wm = t->Wm + l * H, *restrict wv = t->Wv + l * H;
+#pragma omp simd
+        for (Py_ssize_t k = 0; k < H; k++) out[k] += d_mean * wm[k] + d_log_var * wv[k];
+    }
+}
+
+/* --- the whole small network, from a plan ----------------------------------------------- */
+
+/* The plan (int64; see hubarches.fastnet._plan): a header, then BLOCK_FIELDS per hidden
+ * block, the encoder's first. Floats are stored as float64 bit patterns. */
+enum {
+    H_CELLS, H_ENC, H_DEC, H_HIDDEN, H_LATENT, H_FIRST, H_FIRST_STRIDE, H_WM, H_BM, H_WV, H_BV,
+    H_MEAN, H_VAR, H_Z, H_KL, H_DZ, H_DH, H_NOISE, H_VAR_EPS, H_ENC_LOWEST, H_DEC_LOWEST,
+    H_GRAD_H, HEADER
+};
+enum {
+    B_IN, B_OUT, B_WT, B_BIAS, B_TABLE, B_NCOV, B_NORM, B_SCALE, B_SHIFT, B_EPS, B_MASK, B_KEEP,
+    B_Y, B_RSTD, B_OUTPUT, B_DPRE, B_DX, BLOCK_FIELDS
+};
+#define MAX_BLOCKS 8
+
+typedef struct {
+    Py_ssize_t n_enc, n_dec, enc_lowest, dec_lowest;
+    Block blocks[2 * MAX_BLOCKS];
+    float *dpre[2 * MAX_BLOCKS], *dx[2 * MAX_BLOCKS];
+    Latent lat;
+    float *dz, *dh;
+    const float *grad_h;
+} Net;
+
+static double plan_float(int64_t bits) {
+    double v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+/* Fill ``net`` from the plan and this step's rows, codes and mask seeds; -1 if inconsistent. */
+static int read_plan(Net *net, Py_ssize_t plan_at, Py_ssize_t plan_len, Py_ssize_t n_cells,
+                     Py_ssize_t rows, Py_ssize_t codes, Py_ssize_t n_codes, Py_ssize_t seeds) {
+    const int64_t *h = as_pointer(plan_at);
+    if (!h || plan_len < HEADER || h[H_CELLS] != n_cells || n_cells < 0) return -1;
+    net->n_enc = h[H_ENC];
+    net->n_dec = h[H_DEC];
+    if (net->n_enc < 1 || net->n_dec < 1 || net->n_enc > MAX_BLOCKS || net->n_dec > MAX_BLOCKS ||
+        plan_len != HEADER + (net->n_enc + net->n_dec) * BLOCK_FIELDS)
+        return -1;
+    net->enc_lowest = h[H_ENC_LOWEST];
+    net->dec_lowest = h[H_DEC_LOWEST];
+    if (net->enc_lowest < -1 || net->enc_lowest >= net->n_enc || net->dec_lowest < 0 ||
+        net->dec_lowest >= net->n_dec)
+        return -1;
+    Latent *t = &net->lat;
+    t->n_cells = n_cells;
+    t->n_hidden = h[H_HIDDEN];
+    t->n_latent = h[H_LATENT];
+    t->Wm = as_pointer(h[H_WM]);
+    t->bm = as_pointer(h[H_BM]);
+    t->Wv = as_pointer(h[H_WV]);
+    t->bv = as_pointer(h[H_BV]);
+    t->mean = as_pointer(h[H_MEAN]);
+    t->var = as_pointer(h[H_VAR]);
+    t->z = as_pointer(h[H_Z]);
+    t->kl = as_pointer(h[H_KL]);
+    t->noise = as_pointer(h[H_NOISE]);
+    t->var_eps = (float)plan_float(h[H_VAR_EPS]);
+    net->dz = as_pointer(h[H_DZ]);
+    net->dh = as_pointer(h[H_DH]);
+    net->grad_h = as_pointer(h[H_GRAD_H]);
+    if (t->n_hidden < 1 || t->n_latent < 1 || !t->Wm || !t->bm || !t->Wv || !t->bv || !t->mean ||
+        !t->var || !t->z || !t->kl || !t->noise || !net->dz || !net->dh || !net->grad_h)
+        return -1;
+    const uint64_t *seed = as_pointer(seeds);
+    const Py_ssize_t n_blocks = net->n_enc + net->n_dec;
+    for (Py_ssize_t k = 0; k < n_blocks; k++) {
+        const int64_t *f = h + HEADER + k * BLOCK_FIELDS;
+        Block *blk = &net->blocks[k];
+        memset(blk, 0, sizeof *blk);
+        blk->n_cells = n_cells;
+        blk->n_in = f[B_IN];
+        blk->n_out = f[B_OUT];
+        blk->WT = as_pointer(f[B_WT]);
+        blk->b = as_pointer(f[B_BIAS]);
+        blk->codes = as_pointer(codes);
+        blk->n_codes = n_codes;
+        blk->norm = (int)f[B_NORM];
+        blk->scale = as_pointer(f[B_SCALE]);
+        blk->shift = as_pointer(f[B_SHIFT]);
+        blk->eps = (float)plan_float(f[B_EPS]);
+        blk->keep = (float)plan_float(f[B_KEEP]);
+        blk->mask = blk->keep < 1.0f ? as_pointer(f[B_MASK]) : NULL;
+        blk->seed = (blk->mask && seed) ? seed[k] : 0;
+        blk->y = as_pointer(f[B_Y]);
+        blk->rstd = as_pointer(f[B_RSTD]);
+        blk->out = as_pointer(f[B_OUTPUT]);
+        net->dpre[k] = as_pointer(f[B_DPRE]);
+        net->dx[k] = as_pointer(f[B_DX]);
+        const int first_enc = k == 0, first_dec = k == net->n_enc;
+        if (first_enc) {
+            blk->x = as_pointer(h[H_FIRST]);
+            blk->x_stride = h[H_FIRST_STRIDE];
+            blk->rows = as_pointer(rows);
+        } else if (first_dec) {
+            blk->x = t->z;
+            blk->x_stride = t->n_latent;
+        } else {
+            blk->x = net->blocks[k - 1].out;
+            blk->x_stride = net->blocks[k - 1].n_out;
+        }
+        if (read_covariates(blk, f[B_TABLE], f[B_NCOV]) != 0 || blk->n_in < 1 || blk->n_out < 1 ||
+            !blk->x || !blk->y || !blk->out || !net->dpre[k] || (!blk->WT && blk->n_in != blk->n_out) ||
+            (!blk->WT && !first_enc) || blk->x_stride < (first_enc ? blk->n_out : blk->n_in) ||
+            blk->norm < NORM_NONE || blk->norm > NORM_AFFINE ||
+            (blk->norm == NORM_LAYER && !blk->rstd) ||
+            (blk->norm == NORM_AFFINE && (!blk->scale || !blk->shift)) ||
+            !(blk->keep > 0.0f && blk->keep <= 1.0f) || (blk->keep < 1.0f && !blk->mask) ||
+            (blk->n_cov > 0 && !blk->codes) || (first_dec && blk->n_in != t->n_latent) ||
+            (!first_enc && !first_dec && blk->n_in != net->blocks[k - 1].n_out))
+            return -1;
+    }
+    if (net->blocks[net->n_enc - 1].n_out != t->n_hidden) return -1;
+    return 0;
+}
+
+static int net_codes_in_range(const Net *net) {
+    for (Py_ssize_t k = 0; k < net->n_enc + net->n_dec; k++)
+        if (!codes_in_range(&net->blocks[k])) return 0;
+    return 1;
+}
+
+static int parse_net(PyObject *args, Net *net, float *out_scale, float *kl_scale, int *threads) {
+    Py_ssize_t plan, plan_len, n_cells, rows, codes, n_codes, seeds;
+    if (!PyArg_ParseTuple(args, "nnnnnnnffi", &plan, &plan_len, &n_cells, &rows, &codes, &n_codes,
+                          &seeds, out_scale, kl_scale, threads))
+        return -1;
+    if (read_plan(net, plan, plan_len, n_cells, rows, codes, n_codes, seeds) != 0) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent plan for _fastnet");
+        return -1;
+    }
+    if (!net_codes_in_range(net)) {
+        PyErr_SetString(PyExc_ValueError, "a covariate code lies outside the block's columns");
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(net_forward_doc,
+             "net_forward(plan, plan_len, n_cells, rows, codes, n_codes, seeds, 0, 0, n_threads)"
+             "\n\nThe encoder's blocks, the latent heads and sample, the decoder's blocks, cell"
+             " by cell;\nsee hubarches.fastnet.");
+
+static PyObject *net_forward(PyObject *self, PyObject *args) {
+    Net net;
+    float unused_a, unused_b;
     int n_threads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnnnnnnnnfnnnni", &t.n_cells, &t.n_hidden, &t.n_latent, &h,
-                          &Wm, &bm, &Wv, &bv, &noise, &t.var_eps, &mean, &var, &z, &kl,
-                          &n_threads))
-        return NULL;
-    t.h = as_pointer(h);
-    t.Wm = as_pointer(Wm);
-    t.bm = as_pointer(bm);
-    t.Wv = as_pointer(Wv);
-    t.bv = as_pointer(bv);
-    t.noise = as_pointer(noise);
-    t.mean = as_pointer(mean);
-    t.var = as_pointer(var);
-    t.z = as_pointer(z);
-    t.kl = as_pointer(kl);
-    if (t.n_cells < 0 || t.n_hidden < 1 || t.n_latent < 1 || !t.h || !t.Wm || !t.bm || !t.Wv ||
-        !t.bv || !t.noise || !t.mean || !t.var || !t.z || !t.kl) {
-        PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastnet.latent_forward");
-        return NULL;
-    }
-    const int parallel = t.n_cells * t.n_hidden * t.n_latent * 2 >= PARALLEL_WORK;
+    if (parse_net(args, &net, &unused_a, &unused_b, &n_threads) != 0) return NULL;
+    const Py_ssize_t n = net.lat.n_cells, n_blocks = net.n_enc + net.n_dec;
+    net.lat.h = net.blocks[net.n_enc - 1].out;
     Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel for schedule(static) num_threads(n_threads) if (parallel)
-    for (Py_ssize_t i = 0; i < t.n_cells; i++) latent_cell(&t, i);
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (Py_ssize_t i = 0; i < n; i++) {
+        for (Py_ssize_t k = 0; k < net.n_enc; k++) forward_cell(&net.blocks[k], i);
+        latent_cell(&net.lat, i);
+        for (Py_ssize_t k = net.n_enc; k < n_blocks; k++) forward_cell(&net.blocks[k], i);
+    }
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(latent_backward_doc,
-             "latent_backward(n_cells, n_hidden, n_latent, dz, kl_scale, mean, var, noise,"
-             " var_eps, Wm, Wv, dh, n_threads)\n\n"
-             "Gradient at the encoder's last hidden layer of dz·z + kl_scale·KL.");
+PyDoc_STRVAR(net_backward_doc,
+             "net_backward(plan, plan_len, n_cells, 0, codes, n_codes, 0, out_scale, kl_scale,"
+             " n_threads)\n\nFrom out_scale·grad_h at the decoder's last block back to the"
+             " lowest block with trainable\ncolumns; their gradients are written. See"
+             " hubarches.fastnet.");
 
-static PyObject *latent_backward(PyObject *self, PyObject *args) {
-    Py_ssize_t n_cells, H, L, dz_a, mean_a, var_a, noise_a, Wm_a, Wv_a, dh_a;
-    float kl_scale, var_eps;
+static PyObject *net_backward(PyObject *self, PyObject *args) {
+    Net net;
+    float out_scale, kl_scale;
     int n_threads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnnnfnnnfnnni", &n_cells, &H, &L, &dz_a, &kl_scale, &mean_a,
-                          &var_a, &noise_a, &var_eps, &Wm_a, &Wv_a, &dh_a, &n_threads))
-        return NULL;
-    const float *dz = as_pointer(dz_a), *mean = as_pointer(mean_a), *var = as_pointer(var_a);
-    const float *noise = as_pointer(noise_a), *Wm = as_pointer(Wm_a), *Wv = as_pointer(Wv_a);
-    float *dh = as_pointer(dh_a);
-    if (n_cells < 0 || H < 1 || L < 1 || !dz || !mean || !var || !noise || !Wm || !Wv || !dh) {
-        PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastnet.latent_backward");
-        return NULL;
-    }
-    const int parallel = n_cells * H * L * 2 >= PARALLEL_WORK;
+    if (parse_net(args, &net, &out_scale, &kl_scale, &n_threads) != 0) return NULL;
+    const Py_ssize_t n = net.lat.n_cells, ne = net.n_enc, nd = net.n_dec;
+    const int encoder = net.enc_lowest >= 0;
+    net.lat.h = net.blocks[ne - 1].out;
     Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel for schedule(static) num_threads(n_threads) if (parallel)
-    for (Py_ssize_t i = 0; i < n_cells; i++) {
-        float *restrict out = dh + i * H;
-        memset(out, 0, sizeof(float) * (size_t)H);
-        for (Py_ssize_t l = 0; l < L; l++) {
-            const Py_ssize_t j = i * L + l;
-            const float v = var[j], sd = sqrtf(v);
-            /* z = m + sd·ε; KL = ½(v + m² − 1 − log v); v = exp(log_var) + var_eps */
-            const float d_mean = dz[j] + kl_scale * mean[j];
-            const float d_var = dz[j] * noise[j] * 0.5f / sd + kl_scale * 0.5f * (1.0f - 1.0f / v);
-            const float d_log_var = d_var * (v - var_eps);
-            const float *restrict wm = Wm + l * H, *restrict wv = Wv + l * H;
-#pragma omp simd
-            for (Py_ssize_t k = 0; k < H; k++) out[k] += d_mean * wm[k] + d_log_var * wv[k];
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const float *grad = net.grad_h;
+        float scale = out_scale;
+        for (Py_ssize_t k = nd - 1; k >= net.dec_lowest; k--) {
+            float *dx = k > net.dec_lowest ? net.dx[ne + k] : (encoder ? net.dz : NULL);
+            backward_cell(&net.blocks[ne + k], i, grad, scale, net.dpre[ne + k], dx);
+            grad = dx;
+            scale = 1.0f;
+        }
+        if (encoder) {
+            latent_backward_cell(&net.lat, i, net.dz, kl_scale, net.dh);
+            grad = net.dh;
+            for (Py_ssize_t k = ne - 1; k >= net.enc_lowest; k--) {
+                float *dx = k > net.enc_lowest ? net.dx[k] : NULL;
+                backward_cell(&net.blocks[k], i, grad, 1.0f, net.dpre[k], dx);
+                grad = dx;
+            }
         }
     }
+    for (Py_ssize_t k = net.dec_lowest; k < nd; k++)
+        covariate_gradients(&net.blocks[ne + k], net.dpre[ne + k]);
+    if (encoder)
+        for (Py_ssize_t k = net.enc_lowest; k < ne; k++)
+            covariate_gradients(&net.blocks[k], net.dpre[k]);
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+
+/* --- Adam on the trainable tensors -------------------------------------------------------- */
+
+#define ADAM_FIELDS 5 /* param, grad, exp_avg, exp_avg_sq, size */
+
+PyDoc_STRVAR(adam_doc,
+             "adam(table, n_tensors, lr, beta1, beta2, eps, weight_decay, step)\n\n"
+             "torch.optim.Adam's update (its fused kernel's arithmetic) of float32 tensors;\n"
+             "table: ADAM_FIELDS int64 per tensor. ``step`` counts from 1.");
+
+static PyObject *adam(PyObject *self, PyObject *args) {
+    Py_ssize_t table_at, n_tensors;
+    double lr, beta1, beta2, eps, weight_decay;
+    long long step;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nndddddL", &table_at, &n_tensors, &lr, &beta1, &beta2, &eps,
+                          &weight_decay, &step))
+        return NULL;
+    const int64_t *t = as_pointer(table_at);
+    if (!t || n_tensors < 0 || step < 1) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastnet.adam");
+        return NULL;
+    }
+    for (Py_ssize_t k = 0; k < n_tensors; k++) {
+        const int64_t *f = t + k * ADAM_FIELDS;
+        if (!f[0] || !f[1] || !f[2] || !f[3] || f[4] < 0) {
+            PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastnet.adam");
+            return NULL;
+        }
+    }
+    const float step_size = (float)(lr / (1.0 - pow(beta1, (double)step)));
+    const float bias2_sqrt = (float)sqrt(1.0 - pow(beta2, (double)step));
+    const float b1 = (float)beta1, b2 = (float)beta2, e = (float)eps, wd = (float)weight_decay;
+    for (Py_ssize_t k = 0; k < n_tensors; k++) {
+        const int64_t *f = t + k * ADAM_FIELDS;
+        float *restrict p = as_pointer(f[0]), *restrict m = as_pointer(f[2]);
+        float *restrict v = as_pointer(f[3]);
+        const float *restrict g = as_pointer(f[1]);
+#pragma omp simd
+        for (int64_t j = 0; j < f[4]; j++) {
+            const float grad = g[j] + wd * p[j];
+            m[j] += (1.0f - b1) * (grad - m[j]);
+            v[j] = b2 * v[j] + (1.0f - b2) * grad * grad;
+            p[j] -= step_size * m[j] / (sqrtf(v[j]) / bias2_sqrt + e);
+        }
+    }
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    {"block_forward", block_forward, METH_VARARGS, block_forward_doc},
-    {"block_backward", block_backward, METH_VARARGS, block_backward_doc},
-    {"latent_forward", latent_forward, METH_VARARGS, latent_forward_doc},
-    {"latent_backward", latent_backward, METH_VARARGS, latent_backward_doc},
+    {"net_forward", net_forward, METH_VARARGS, net_forward_doc},
+    {"net_backward", net_backward, METH_VARARGS, net_backward_doc},
+    {"adam", adam, METH_VARARGS, adam_doc},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastnet",

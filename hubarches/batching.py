@@ -33,7 +33,7 @@ __all__ = [
     "pick_device",
 ]
 
-EMBED_BATCH_SIZE = 4096
+EMBED_BATCH_SIZE = 1024
 """Cells per forward pass when embedding; large batches amortise per-call overhead."""
 BLOCK_CELLS = 16_384
 """Cells read at once from a streamed source: large enough for sequential reads and a good

@@ -35,11 +35,56 @@ try:
 except ImportError:  # built without a C compiler: autograd runs the step
     _fastnet = None
 
-__all__ = ["QueryStep", "query_step"]
+__all__ = ["AdamSettings", "QueryStep", "query_step"]
 
 _NORM_NONE, _NORM_LAYER, _NORM_AFFINE = 0, 1, 2
 _MAX_COVARIATES = 16  # the C side's table size
 _SEED_STEP = 0xBF58476D1CE4E5B9  # odd: successive mask seeds differ in every bit position
+# The plan's layout, as hubarches/_fastnet.c's H_* and B_* enums read it.
+_HEADER_FIELDS = (
+    "cells",
+    "enc",
+    "dec",
+    "hidden",
+    "latent",
+    "first",
+    "first_stride",
+    "wm",
+    "bm",
+    "wv",
+    "bv",
+    "mean",
+    "var",
+    "z",
+    "kl",
+    "dz",
+    "dh",
+    "noise",
+    "var_eps",
+    "enc_lowest",
+    "dec_lowest",
+    "grad_h",
+)
+_BLOCK_NAMES = (
+    "in",
+    "out",
+    "wt",
+    "bias",
+    "table",
+    "ncov",
+    "norm",
+    "scale",
+    "shift",
+    "eps",
+    "mask",
+    "keep",
+    "y",
+    "rstd",
+    "output",
+    "dpre",
+    "dx",
+)
+_HEADER, _BLOCK_FIELDS = len(_HEADER_FIELDS), len(_BLOCK_NAMES)
 
 
 def _address(t: torch.Tensor | np.ndarray | None) -> int:
@@ -77,6 +122,17 @@ def _norm_plan(norm: nn.Module) -> tuple[int, torch.Tensor | None, torch.Tensor 
                 shift = shift + norm.bias
         return _NORM_AFFINE, scale.float().contiguous(), shift.float().contiguous(), 0.0
     raise ValueError(f"no hand-written pass for {type(norm).__name__}")
+
+
+@dataclass(frozen=True)
+class AdamSettings:
+    """Adam's hyper-parameters (``torch.optim.Adam``'s meaning); the step applies them."""
+
+    lr: float
+    eps: float
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
 
 
 @dataclass
@@ -218,8 +274,10 @@ class QueryStep:
         log_gamma: torch.Tensor,
         log_library: torch.Tensor,
         dropout: bool,
+        adam: AdamSettings,
     ) -> None:
         assert _fastnet is not None
+        self.adam = adam
         self.model = model
         self.codes = np.ascontiguousarray(codes.numpy(), dtype=np.int64)
         self.first_expression = first_expression
@@ -231,7 +289,6 @@ class QueryStep:
             _block(b, grads, first=k == 0, dropout=dropout) for k, b in enumerate(enc.mlp.blocks)
         ]
         self.decoder = [_block(b, grads, first=False, dropout=False) for b in dec.mlp.blocks]
-        self.encoder_trains = _lowest_trainable(self.encoder) is not None
         self.trainable = [
             m.weight_new
             for m in model.modules()
@@ -241,6 +298,18 @@ class QueryStep:
         ]
         for p in self.trainable:
             p.grad = grads[id(p)]
+            if not p.is_contiguous():
+                raise ValueError("trainable tensors must be contiguous")
+        # Adam's moments, and the table the C update reads them from.
+        self._moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.trainable]
+        self._adam_table = np.asarray(
+            [
+                [_address(p), _address(p.grad), _address(m), _address(v), p.numel()]
+                for p, (m, v) in zip(self.trainable, self._moments, strict=True)
+            ],
+            dtype=np.int64,
+        ).reshape(-1, 5)
+        self._adam_steps = 0
         # Both gene-wide heads as one frozen product; their biases go to the C core.
         self.zinb = model.config.likelihood == "zinb"
         self.n_genes = model.config.n_genes
@@ -260,115 +329,74 @@ class QueryStep:
         self.n_latent = model.config.n_latent
         self.n_hidden = model.config.n_hidden
         self._states: dict[int, tuple[_State, _State, dict[str, torch.Tensor]]] = {}
+        self._plans: dict[int, np.ndarray] = {}
         self._seed_base: int | None = None
         self._seed_count = 0
 
     def _buffers(self, n: int) -> tuple[_State, _State, dict[str, torch.Tensor]]:
         """Buffers for ``n`` cells, made once per minibatch size."""
         if n not in self._states:
-            latent = {k: torch.empty(n, self.n_latent) for k in ("mean", "var", "z", "dz")}
+            latent = {k: torch.empty(n, self.n_latent) for k in ("mean", "var", "z", "dz", "noise")}
             latent["kl"] = torch.empty(n)
             latent["dh"] = torch.empty(n, self.n_hidden)
             latent["heads"] = torch.empty(n, self.w_heads.shape[0])
             latent["grad_heads"] = torch.empty(n, self.w_heads.shape[0])
             latent["nll"] = torch.empty(n)
             latent["grad_h"] = torch.empty(n, self.n_hidden)
-            self._states[n] = (_state(self.encoder, n), _state(self.decoder, n), latent)
+            enc, dec = _state(self.encoder, n), _state(self.decoder, n)
+            self._states[n] = (enc, dec, latent)
+            self._plans[n] = self._plan(n, enc, dec, latent)
         return self._states[n]
 
-    def _forward_blocks(
-        self,
-        blocks: list[_Block],
-        state: _State,
-        source: tuple[int, int],
-        rows: int,
-        codes: np.ndarray,
-        seeds: list[int | None],
-    ) -> None:
-        """Run ``blocks`` from ``source`` (address, row stride), reading its ``rows`` (0: all).
-
-        Blocks with a dropout ``seed`` draw their mask from it into ``state.mask``.
-        """
-        assert _fastnet is not None
-        n = len(codes)
-        threads = torch.get_num_threads()
-        codes_at = _address(codes)
-        for k, b in enumerate(blocks):
+    def _plan(self, n: int, enc: _State, dec: _State, lat: dict[str, torch.Tensor]) -> np.ndarray:
+        """The network as ``_fastnet`` reads it for ``n`` cells (its header and block layout)."""
+        blocks = [(b, enc, k) for k, b in enumerate(self.encoder)]
+        blocks += [(b, dec, k) for k, b in enumerate(self.decoder)]
+        plan = np.zeros(_HEADER + len(blocks) * _BLOCK_FIELDS, dtype=np.int64)
+        floats = plan.view(np.float64)
+        enc_lowest = _lowest_trainable(self.encoder)
+        header = {
+            "cells": n,
+            "enc": len(self.encoder),
+            "dec": len(self.decoder),
+            "hidden": self.n_hidden,
+            "latent": self.n_latent,
+            "first": _address(self.first_expression),
+            "first_stride": self.first_expression.stride(0),
+            **dict(zip(("wm", "bm", "wv", "bv"), self.latent, strict=True)),
+            **{k: _address(lat[k]) for k in ("mean", "var", "z", "kl", "dz", "dh", "noise")},
+            "enc_lowest": -1 if enc_lowest is None else enc_lowest,
+            "dec_lowest": 0 if enc_lowest is not None else _lowest_trainable(self.decoder) or 0,
+            "grad_h": _address(lat["grad_h"]),
+        }
+        for name, value in header.items():
+            plan[_HEADER_FIELDS.index(name)] = value
+        floats[_HEADER_FIELDS.index("var_eps")] = VAR_EPS
+        for j, (b, state, k) in enumerate(blocks):
+            at = _HEADER + j * _BLOCK_FIELDS
             weight, bias, table, scale, shift = b.addresses
-            _fastnet.block_forward(
-                n,
-                b.n_in,
-                b.n_out,
-                source[0],
-                source[1],
-                rows if k == 0 else 0,
-                weight,
-                bias,
-                codes_at,
-                codes.shape[1],
-                table,
-                len(b.table),
-                b.norm,
-                scale,
-                shift,
-                b.eps,
-                0 if seeds[k] is None else state.address("mask", k),
-                1.0 - b.dropout,
-                seeds[k] or 0,
-                state.address("y", k),
-                state.address("rstd", k),
-                state.address("out", k),
-                threads,
-            )
-            source = (state.address("out", k), b.n_out)
-
-    def _backward_blocks(
-        self,
-        blocks: list[_Block],
-        state: _State,
-        grad: int,
-        scale: float,
-        codes: np.ndarray,
-        seeds: list[int | None],
-        *,
-        input_grad: int,
-    ) -> None:
-        """Back from the gradient ``scale·grad`` at the last block's output, as far as needed.
-
-        Stops at the lowest block with trainable columns; ``input_grad``, when not 0, gets
-        the gradient at the first block's input (the blocks are then walked to the bottom).
-        """
-        assert _fastnet is not None
-        lowest = 0 if input_grad else _lowest_trainable(blocks)
-        if lowest is None:
-            return
-        threads = torch.get_num_threads()
-        codes_at = _address(codes)
-        for k in range(len(blocks) - 1, lowest - 1, -1):
-            b = blocks[k]
-            dx = input_grad if k == 0 else (state.address("dx", k) if k > lowest else 0)
-            weight, _, table, scale_at, _ = b.addresses
-            _fastnet.block_backward(
-                len(codes),
-                b.n_in,
-                b.n_out,
-                weight,
-                codes_at,
-                codes.shape[1],
-                table,
-                len(b.table),
-                b.norm,
-                scale_at,
-                0 if seeds[k] is None else state.address("mask", k),
-                state.address("y", k),
-                state.address("rstd", k),
-                grad,
-                scale,
-                state.address("dpre", k),
-                dx,
-                threads,
-            )
-            grad, scale = state.address("dx", k), 1.0
+            fields = {
+                "in": b.n_in,
+                "out": b.n_out,
+                "wt": weight,
+                "bias": bias,
+                "table": table,
+                "ncov": len(b.table),
+                "norm": b.norm,
+                "scale": scale,
+                "shift": shift,
+                "mask": state.address("mask", k),
+                "y": state.address("y", k),
+                "rstd": state.address("rstd", k),
+                "output": state.address("out", k),
+                "dpre": state.address("dpre", k),
+                "dx": state.address("dx", k),
+            }
+            for name, value in fields.items():
+                plan[at + _BLOCK_NAMES.index(name)] = value
+            floats[at + _BLOCK_NAMES.index("eps")] = b.eps
+            floats[at + _BLOCK_NAMES.index("keep")] = 1.0 - b.dropout
+        return plan
 
     def _dropout_seeds(self, blocks: list[_Block]) -> list[int | None]:
         """A mask seed for each block whose dropout is on: a counter on a base seed.
@@ -431,7 +459,7 @@ class QueryStep:
         generator: torch.Generator | None,
         kl_weight: float,
     ) -> tuple[float, float, float]:
-        """Gradients of the minibatch's mean loss into ``.grad``, and its terms.
+        """One training step: gradients of the minibatch's mean loss, then Adam's update.
 
         Returns ``(loss, mean reconstruction loss, mean KL)``, summed in float64.
         """
@@ -439,62 +467,31 @@ class QueryStep:
         n = len(rows)
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         codes = np.ascontiguousarray(self.codes[rows])
-        enc_state, dec_state, lat = self._buffers(n)
+        lat = self._buffers(n)[2]
+        plan = self._plans[n]
         threads = torch.get_num_threads()
-        noise = self.model.draw_noise(n, generator=generator, like=self.first_expression)
-        enc_masks = self._dropout_seeds(self.encoder)
-        dec_masks: list[int | None] = [None] * len(self.decoder)
-        first = (_address(self.first_expression), self.first_expression.stride(0))
-        self._forward_blocks(self.encoder, enc_state, first, _address(rows), codes, enc_masks)
-        wm, bm, wv, bv = self.latent
-        _fastnet.latent_forward(
-            n,
-            self.n_hidden,
-            self.n_latent,
-            enc_state.address("out", len(self.encoder) - 1),
-            wm,
-            bm,
-            wv,
-            bv,
-            _address(noise),
-            VAR_EPS,
-            _address(lat["mean"]),
-            _address(lat["var"]),
-            _address(lat["z"]),
-            _address(lat["kl"]),
-            threads,
+        noise = lat["noise"]
+        noise.copy_(self.model.draw_noise(n, generator=generator, like=self.first_expression))
+        seeds = np.array(
+            [s or 0 for s in self._dropout_seeds(self.encoder)] + [0] * len(self.decoder),
+            dtype=np.uint64,
         )
-        z = (_address(lat["z"]), self.n_latent)
-        self._forward_blocks(self.decoder, dec_state, z, 0, codes, dec_masks)
-        nll = self._heads(dec_state.out[-1], batch, rows, lat)
-        self._backward_blocks(
-            self.decoder,
-            dec_state,
-            _address(lat["grad_h"]),
-            1.0 / n,
-            codes,
-            dec_masks,
-            input_grad=_address(lat["dz"]) if self.encoder_trains else 0,
+        common = (_address(plan), len(plan), n, _address(rows), _address(codes), codes.shape[1])
+        _fastnet.net_forward(*common, _address(seeds), 0.0, 0.0, threads)
+        nll = self._heads(self._states[n][1].out[-1], batch, rows, lat)
+        _fastnet.net_backward(*common, 0, 1.0 / n, kl_weight / n, threads)
+        self._adam_steps += 1
+        a = self.adam
+        _fastnet.adam(
+            _address(self._adam_table),
+            len(self._adam_table),
+            a.lr,
+            a.beta1,
+            a.beta2,
+            a.eps,
+            a.weight_decay,
+            self._adam_steps,
         )
-        if self.encoder_trains:
-            _fastnet.latent_backward(
-                n,
-                self.n_hidden,
-                self.n_latent,
-                _address(lat["dz"]),
-                kl_weight / n,
-                _address(lat["mean"]),
-                _address(lat["var"]),
-                _address(noise),
-                VAR_EPS,
-                wm,
-                wv,
-                _address(lat["dh"]),
-                threads,
-            )
-            self._backward_blocks(
-                self.encoder, enc_state, _address(lat["dh"]), 1.0, codes, enc_masks, input_grad=0
-            )
         gamma = float(self.log_gamma[rows].sum())
         reconstruction = (float(nll.numpy().sum(dtype=np.float64)) - gamma) / n
         kl = float(lat["kl"].numpy().sum(dtype=np.float64)) / n
@@ -509,6 +506,7 @@ def query_step(
     log_gamma: torch.Tensor | None,
     log_library: torch.Tensor,
     dropout: bool,
+    adam: AdamSettings,
 ) -> QueryStep | None:
     """A :class:`QueryStep` for this frozen, grown model, or None where it cannot run.
 
@@ -535,6 +533,7 @@ def query_step(
             log_gamma=log_gamma,
             log_library=log_library,
             dropout=dropout,
+            adam=adam,
         )
     except ValueError:  # a layer the C side does not evaluate: autograd runs the step
         return None

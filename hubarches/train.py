@@ -26,7 +26,7 @@ from hubarches.fastlik import (
     nonzero_log_gamma,
     stored_log_gamma,
 )
-from hubarches.fastnet import query_step
+from hubarches.fastnet import AdamSettings, query_step
 from hubarches.model import CVAE, LossTerms
 from hubarches.optim import Adam
 from hubarches.surgery import freeze_reference, new_parameters
@@ -87,8 +87,8 @@ Progress = Callable[[EpochStats, int], None]
 
 StepLoss = Callable[[np.ndarray, Minibatch, torch.Generator], LossTerms]
 FusedStep = Callable[[np.ndarray, Minibatch, torch.Generator, float], tuple[float, float, float]]
-"""A step that writes its gradients itself (``QueryStep``): ``(rows, batch, generator, KL
-weight) -> (loss, reconstruction, KL)``, batch means."""
+"""A whole training step, gradients and Adam's update (``QueryStep``): ``(rows, batch,
+generator, KL weight) -> (loss, reconstruction, KL)``, batch means."""
 """Loss terms of a minibatch given its row indices and its counts."""
 
 
@@ -162,15 +162,15 @@ def _epochs(
 ) -> None:
     """Run the epochs, appending to ``history``; stop early when validation stalls.
 
-    ``fused``, when given, computes each training step's loss and gradients in place of
-    ``step_loss`` and autograd (validation still uses ``step_loss``).
+    ``fused``, when given, runs each training step, gradients and update, in place of
+    ``step_loss``, autograd and the optimizer (validation still uses ``step_loss``).
     """
     train_rows, val_rows = split
     rng = np.random.default_rng([options.seed, 1])
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     generator = torch.Generator(device=device).manual_seed(options.seed)
-    optimizer = _adam(parameters, options)
+    optimizer = None if fused is not None else _adam(parameters, options)
     best, since_best = math.inf, 0
     for epoch in range(epochs):
         kl_weight = _kl_weight(epoch, options.kl_warmup_epochs)
@@ -187,8 +187,8 @@ def _epochs(
                 host_sums += len(batch_rows) * np.asarray(
                     fused(batch_rows, batch, generator, kl_weight)
                 )
-                optimizer.step()
             else:
+                assert optimizer is not None
                 terms = step_loss(batch_rows, batch, generator)
                 loss = terms.total(kl_weight)
                 optimizer.zero_grad(set_to_none=True)
@@ -334,7 +334,7 @@ def data_log_factorial(counts: Counts, *, block: int = 8192) -> torch.Tensor:
     return out.float()
 
 
-def first_layer_expression(model: CVAE, counts: Counts, *, block: int = 4096) -> torch.Tensor:
+def first_layer_expression(model: CVAE, counts: Counts, *, block: int = 1024) -> torch.Tensor:
     """``W_x log1p(x) + b`` of the first encoder layer for every cell, computed once."""
     first = model.encoder.mlp.blocks[0].linear.expression
     device, dtype = first.weight.device, first.weight.dtype
@@ -413,6 +413,7 @@ def train_query(
         log_gamma=log_gamma,
         log_library=log_library,
         dropout=options.dropout_in_query,
+        adam=AdamSettings(lr=options.lr, eps=options.adam_eps, weight_decay=options.weight_decay),
     )
 
     def set_mode() -> None:

@@ -14,7 +14,7 @@ from hubarches import fastnet, native
 from hubarches import train as train_module
 from hubarches.batching import CountMatrix, Minibatch
 from hubarches.config import ModelConfig, TrainOptions
-from hubarches.fastnet import QueryStep, query_step
+from hubarches.fastnet import AdamSettings, QueryStep, query_step
 from hubarches.model import CVAE, build_model
 from hubarches.surgery import grow, new_parameters
 from hubarches.train import _log_library, first_layer_expression, frozen_log_gamma, train_query
@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 N_CELLS, N_GENES = 24, 40
+FROZEN = AdamSettings(lr=0.0, eps=0.01)  # the step's update leaves the tensors as they are
 
 
 class _FixedMask(nn.Module):
@@ -95,6 +96,7 @@ def _step(ext: CVAE, x: torch.Tensor, codes: torch.Tensor, *, dropout: bool) -> 
         log_gamma=frozen_log_gamma(ext, counts, codes),
         log_library=_log_library(counts),
         dropout=dropout,
+        adam=FROZEN,
     )
     assert step is not None
     return step
@@ -200,6 +202,36 @@ def test_dropout_masks_are_drawn_as_dropout_draws_them() -> None:
     assert float(per_unit.min()) > 0.8
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_the_steps_adam_update_is_torch_adams(weight_decay: float) -> None:
+    """The C update against torch.optim.Adam, step for step, on tensors of two sizes."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(16, 2, generator=gen), torch.randn(5, generator=gen)]
+    ref = [p.clone().requires_grad_(True) for p in params]
+    start = [p.clone() for p in params]
+    grads = [torch.zeros_like(p) for p in params]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    table = np.asarray(
+        [
+            [p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel()]
+            for p, g, (m, v) in zip(params, grads, moments, strict=True)
+        ],
+        dtype=np.int64,
+    )
+    torch_adam = torch.optim.Adam(ref, lr=0.01, eps=0.01, weight_decay=weight_decay)
+    for step in range(1, 8):
+        for g, r in zip(grads, ref, strict=True):
+            g.copy_(torch.randn(g.shape, generator=gen) * step)
+            r.grad = g.clone()
+        fastnet._fastnet.adam(
+            table.ctypes.data, len(table), 0.01, 0.9, 0.999, 0.01, weight_decay, step
+        )
+        torch_adam.step()
+        for p, r in zip(params, ref, strict=True):
+            torch.testing.assert_close(p, r.detach(), rtol=1e-5, atol=1e-6)
+    assert all(not torch.equal(p, s) for p, s in zip(params, start, strict=True))
+
+
 def _inputs(ext: CVAE, x: torch.Tensor, codes: torch.Tensor) -> dict:
     counts = CountMatrix.from_matrix(x.numpy())
     return {
@@ -207,6 +239,7 @@ def _inputs(ext: CVAE, x: torch.Tensor, codes: torch.Tensor) -> dict:
         "log_gamma": frozen_log_gamma(ext, counts, codes),
         "log_library": _log_library(counts),
         "dropout": False,
+        "adam": FROZEN,
     }
 
 
