@@ -140,6 +140,11 @@ class EpochClock:
         }
 
 
+def mapping_seconds(result: dict[str, Any]) -> float:
+    """Query mapping of one run: surgery + query training (all of it) + query embedding."""
+    return float(sum(result["phases"][p]["s"] for p in ("surgery", "query_train", "query_embed")))
+
+
 def steady_epoch(epochs: dict[str, Any]) -> float | None:
     """Median seconds per epoch, the first epoch (warm-up and setup) excluded when possible."""
     s = list(epochs.get("s", []))

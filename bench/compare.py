@@ -40,6 +40,8 @@ from common import (
     REFERENCE_BATCHES,
     SIZES,
     knn_quality,
+    mapping_seconds,
+    steady_epoch,
     write_json,
 )
 from report import render
@@ -178,19 +180,35 @@ def replicates(
 ) -> dict[str, Any]:
     """Quality of each tool over ``--quality-seeds`` training seeds (the main run first)."""
     seeds = [args.seed + i for i in range(args.quality_seeds)]
-    out: dict[str, Any] = {"seeds": seeds, "hubarches": [hub["quality"]], "peer": None}
+    out: dict[str, Any] = {
+        "seeds": seeds,
+        "hubarches": [hub["quality"]],
+        "peer": None,
+        "timing": {"hubarches": [_timing(hub)], "peer": None},
+    }
     hub_extra = ["--split", args.split]
     for seed in seeds[1:]:
         result = run_side(
             "hubarches", sys.executable, "run_hubarches.py", data, args, hub_extra, seed=seed
         )
         out["hubarches"].append(result["quality"])
+        out["timing"]["hubarches"].append(_timing(result))
     if peer and peer_result:
         out["peer"] = [peer_result["quality"]]
+        out["timing"]["peer"] = [_timing(peer_result)]
         for seed in seeds[1:]:
             result = run_side("scvi-tools", peer, "peer_scvi.py", data, args, [], seed=seed)
             out["peer"].append(result["quality"])
+            out["timing"]["peer"].append(_timing(result))
     return out
+
+
+def _timing(result: dict[str, Any]) -> dict[str, float | None]:
+    """The timings a replicate keeps: query mapping and the steady query epoch."""
+    return {
+        "mapping_s": mapping_seconds(result),
+        "query_epoch_s": steady_epoch(result["query_epochs"]),
+    }
 
 
 def run_json_tool(name: str, cmd: list[str], out_json: Path, args: Any) -> dict[str, Any]:

@@ -330,6 +330,7 @@ class QueryStep:
         self.n_hidden = model.config.n_hidden
         self._states: dict[int, tuple[_State, _State, dict[str, torch.Tensor]]] = {}
         self._plans: dict[int, np.ndarray] = {}
+        self._views: dict[int, tuple[torch.Tensor, ...]] = {}  # of the heads' buffers
         self._seed_base: int | None = None
         self._seed_count = 0
 
@@ -345,6 +346,13 @@ class QueryStep:
             latent["grad_h"] = torch.empty(n, self.n_hidden)
             enc, dec = _state(self.encoder, n), _state(self.decoder, n)
             self._states[n] = (enc, dec, latent)
+            g, heads, grads = self.n_genes, latent["heads"], latent["grad_heads"]
+            self._views[n] = (
+                heads[:, :g],
+                heads[:, g:] if self.zinb else None,
+                grads[:, :g],
+                grads[:, g:] if self.zinb else None,
+            )
             self._plans[n] = self._plan(n, enc, dec, latent)
         return self._states[n]
 
@@ -425,10 +433,8 @@ class QueryStep:
         ``out["grad_h"]`` gets the gradient of the NLL's sum at ``h``. The counts are read
         from the batch's CSR rows where it has them (no dense copy).
         """
-        g = self.n_genes
-        heads = torch.mm(h, self.w_heads.t(), out=out["heads"])
-        a, p = heads[:, :g], heads[:, g:] if self.zinb else None
-        grads = out["grad_heads"]  # both heads' gradients side by side: one product back
+        torch.mm(h, self.w_heads.t(), out=out["heads"])
+        a, p, grad_a, grad_p = self._views[h.shape[0]]
         log_library = torch.from_numpy(self.log_library[rows])
         stored = batch.stored
         csr = None if stored is None else stored.csr
@@ -447,9 +453,10 @@ class QueryStep:
             bias_p=self.b_p if self.zinb else None,
             csr=csr,
             rows=None if stored is None else stored.rows,
-            out=(out["nll"], grads[:, :g], grads[:, g:] if self.zinb else None),
+            out=(out["nll"], grad_a, grad_p),
         )
-        torch.mm(grads, self.w_heads, out=out["grad_h"])
+        # Both heads' gradients side by side in one buffer: one product back.
+        torch.mm(out["grad_heads"], self.w_heads, out=out["grad_h"])
         return nll
 
     def __call__(
@@ -470,8 +477,8 @@ class QueryStep:
         lat = self._buffers(n)[2]
         plan = self._plans[n]
         threads = torch.get_num_threads()
-        noise = lat["noise"]
-        noise.copy_(self.model.draw_noise(n, generator=generator, like=self.first_expression))
+        noise = lat["noise"]  # drawn as CVAE.draw_noise draws it, into the plan's buffer
+        torch.randn(noise.shape, generator=generator, out=noise)
         seeds = np.array(
             [s or 0 for s in self._dropout_seeds(self.encoder)] + [0] * len(self.decoder),
             dtype=np.uint64,
