@@ -259,10 +259,10 @@ def _lowest_trainable(blocks: list[_Block]) -> int | None:
 
 
 class QueryStep:
-    """One query-training step: loss of a minibatch and the gradients of surgery's columns.
+    """One query-training step: a minibatch's loss, its gradients, and Adam's update.
 
-    Built by :func:`query_step` for a frozen, grown model; the gradients are written into
-    the ``.grad`` of each trainable tensor (set once here), ready for the optimizer.
+    Built by :func:`query_step` for a frozen, grown model. Only the columns surgery added
+    change; their gradients are left in their ``.grad`` (set once here) after each step.
     """
 
     def __init__(
@@ -278,7 +278,7 @@ class QueryStep:
     ) -> None:
         assert _fastnet is not None
         self.adam = adam
-        self.model = model
+        self.model = model  # keeps alive every tensor the plans point into
         self.codes = np.ascontiguousarray(codes.numpy(), dtype=np.int64)
         self.first_expression = first_expression
         self.log_gamma = log_gamma.numpy().astype(np.float64)
@@ -322,7 +322,6 @@ class QueryStep:
             _address(t.detach())
             for t in (enc.mean.weight, enc.mean.bias, enc.log_var.weight, enc.log_var.bias)
         )
-        self._keep = [enc.mean, enc.log_var]
         log_theta = model.log_dispersion(codes[:1])
         self.log_theta = None if log_theta is None else log_theta.detach().contiguous()
         self.theta = None if self.log_theta is None else torch.exp(self.log_theta)
