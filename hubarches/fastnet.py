@@ -19,7 +19,7 @@ install) and training runs through autograd instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from hubarches import native
 from hubarches.batching import Minibatch
 from hubarches.model import CVAE, VAR_EPS
 from hubarches.nn import CovariateWeight, HiddenBlock
+from hubarches.surgery import new_parameters
 
 try:
     from hubarches import _fastnet
@@ -150,7 +151,6 @@ class _Block:
     shift: torch.Tensor | None
     eps: float
     dropout: float
-    keep: list[torch.Tensor] = field(default_factory=list)  # tensors the table points into
     addresses: tuple[int, ...] = ()  # weight, bias, table, scale, shift (set after init)
 
     def __post_init__(self) -> None:
@@ -215,7 +215,6 @@ def _block(
         shift=shift,
         eps=eps,
         dropout=rate,
-        keep=[t for t in (scale, shift) if t is not None],
     )
 
 
@@ -289,13 +288,7 @@ class QueryStep:
             _block(b, grads, first=k == 0, dropout=dropout) for k, b in enumerate(enc.mlp.blocks)
         ]
         self.decoder = [_block(b, grads, first=False, dropout=False) for b in dec.mlp.blocks]
-        self.trainable = [
-            m.weight_new
-            for m in model.modules()
-            if isinstance(m, CovariateWeight)
-            and m.weight_new is not None
-            and m.weight_new.requires_grad
-        ]
+        self.trainable = [p for p in new_parameters(model) if p.requires_grad]
         for p in self.trainable:
             p.grad = grads[id(p)]
             if not p.is_contiguous():
@@ -529,7 +522,8 @@ def query_step(
         return None
     if not (_plain(first_expression) and first_expression.dim() == 2):
         return None
-    if any(p.requires_grad for p in model.parameters() if not _is_added(model, p)):
+    added = {id(p) for p in new_parameters(model)}
+    if any(p.requires_grad for p in model.parameters() if id(p) not in added):
         return None
     try:
         return QueryStep(
@@ -543,8 +537,3 @@ def query_step(
         )
     except ValueError:  # a layer the C side does not evaluate: autograd runs the step
         return None
-
-
-def _is_added(model: CVAE, p: torch.Tensor) -> bool:
-    """Whether ``p`` is a column block added by surgery."""
-    return any(m.weight_new is p for m in model.modules() if isinstance(m, CovariateWeight))
