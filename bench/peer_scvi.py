@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import exchange
 import numpy as np
 import torch
 from common import (
@@ -60,6 +61,32 @@ def epoch_callback(clock: EpochClock):
     return _Ticks()
 
 
+def _batches(model) -> list[str]:
+    """The batch categories in the order of the model's one-hot columns."""
+    registry = model.adata_manager.get_state_registry("batch")
+    return [str(c) for c in registry.categorical_mapping]
+
+
+def export_reference(model, path: str) -> None:
+    """Write the trained reference's tensors for hubarches (``cross.py``)."""
+    state = model.module.state_dict()
+    tensors = {k: state[k].detach().cpu().numpy() for k in exchange.KEYS}
+    exchange.save(path, tensors, list(model.adata.var_names), _batches(model))
+
+
+def import_reference(model, path: str) -> None:
+    """Load a reference trained by hubarches into ``model`` and mark it trained."""
+    state = model.module.state_dict()
+    loaded = exchange.load(path, list(model.adata.var_names), _batches(model))
+    for key, value in loaded.items():
+        if tuple(state[key].shape) != value.shape:
+            raise exchange.ExchangeError(f"{key}: shape {value.shape}, expected {state[key].shape}")
+        state[key] = torch.from_numpy(value)
+    model.module.load_state_dict(state)
+    model.module.eval()  # as scvi-tools leaves a model after training: dropout off
+    model.is_trained_ = True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ref", required=True)
@@ -73,6 +100,12 @@ def main() -> None:
     ap.add_argument("--kl-warmup", type=int, default=400)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-reference", help="write the trained reference for hubarches (.npz)")
+    ap.add_argument(
+        "--load-reference",
+        help="start from a reference trained by hubarches (.npz from run_hubarches.py "
+        "--save-reference) instead of training one",
+    )
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -109,12 +142,17 @@ def main() -> None:
     clock = EpochClock()
     clock.start()
     with t("ref_train"):
-        model.train(
-            max_epochs=args.ref_epochs,
-            plan_kwargs=plan(1e-6),
-            callbacks=[epoch_callback(clock)],
-            **trainer,
-        )
+        if args.load_reference:
+            import_reference(model, args.load_reference)
+        else:
+            model.train(
+                max_epochs=args.ref_epochs,
+                plan_kwargs=plan(1e-6),
+                callbacks=[epoch_callback(clock)],
+                **trainer,
+            )
+    if args.save_reference:
+        export_reference(model, args.save_reference)
     ref_epochs = clock.to_dict(int(np.ceil(TRAIN_FRACTION * ref.n_obs)))
     with t("ref_embed"):
         z_ref = model.get_latent_representation(ref)
@@ -160,6 +198,7 @@ def main() -> None:
             },
             "threads": torch.get_num_threads(),
             "split": "train_size=0.9",
+            "reference_from": args.load_reference,
             "data": {
                 "n_ref": int(ref.n_obs),
                 "n_query": int(q.n_obs),

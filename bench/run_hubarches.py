@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import anndata as ad
+import exchange
 import numpy as np
 import torch
 from common import (
@@ -37,7 +38,7 @@ import hubarches
 from hubarches.batching import CountMatrix, embed_matrix
 from hubarches.config import ModelConfig
 from hubarches.data import prepare_query, prepare_reference
-from hubarches.model import build_model
+from hubarches.model import CVAE, build_model
 from hubarches.surgery import grow, plan_surgery
 from hubarches.train import TrainOptions, train_query, train_reference
 
@@ -59,6 +60,55 @@ ARCHITECTURE = {
 def _subset(counts: CountMatrix, codes: np.ndarray, rows: np.ndarray):
     """The training cells only (what scvi-tools' 90 % split trains on)."""
     return CountMatrix.from_matrix(counts.csr[rows]), codes[rows]
+
+
+def _pieces(model: CVAE) -> list[tuple[str, slice | None, torch.Tensor]]:
+    """Each reference tensor with the exchange key it belongs to (and its columns there)."""
+    enc, dec = model.encoder, model.decoder
+    if dec.dropout_logits is None or not isinstance(model.dispersion, torch.nn.Parameter):
+        raise exchange.ExchangeError("the exchange covers ZINB models with gene dispersion")
+    e0, d0 = enc.mlp.blocks[0].linear, dec.mlp.blocks[0].linear
+    g, lat = model.config.n_genes, model.config.n_latent
+    return [
+        (exchange.ENC_W, slice(0, g), e0.expression.weight),
+        (exchange.ENC_W, slice(g, None), e0.covariates[0].weight),
+        (exchange.ENC_B, None, e0.expression.bias),
+        (exchange.MEAN_W, None, enc.mean.weight),
+        (exchange.MEAN_B, None, enc.mean.bias),
+        (exchange.VAR_W, None, enc.log_var.weight),
+        (exchange.VAR_B, None, enc.log_var.bias),
+        (exchange.DEC_W, slice(0, lat), d0.expression.weight),
+        (exchange.DEC_W, slice(lat, None), d0.covariates[0].weight),
+        (exchange.DEC_B, None, d0.expression.bias),
+        (exchange.SCALE_W, None, dec.scale.weight),
+        (exchange.SCALE_B, None, dec.scale.bias),
+        (exchange.DROP_W, None, dec.dropout_logits.weight),
+        (exchange.DROP_B, None, dec.dropout_logits.bias),
+        (exchange.PX_R, None, model.dispersion),
+    ]
+
+
+def export_reference(model: CVAE, genes: list[str], batches: list[str], path: str) -> None:
+    """Write the trained reference's tensors for scvi-tools (``cross.py``)."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for key, _, tensor in _pieces(model):  # column pieces come in column order
+        parts.setdefault(key, []).append(tensor.detach().cpu().numpy())
+    tensors = {k: v[0] if len(v) == 1 else np.concatenate(v, axis=1) for k, v in parts.items()}
+    exchange.save(path, tensors, genes, batches)
+
+
+def import_reference(model: CVAE, genes: list[str], batches: list[str], path: str) -> None:
+    """Load a reference trained by scvi-tools into ``model`` and mark it trained."""
+    loaded = exchange.load(path, genes, batches)
+    with torch.no_grad():
+        for key, columns, target in _pieces(model):
+            value = torch.from_numpy(loaded[key] if columns is None else loaded[key][:, columns])
+            if target.shape != value.shape:
+                raise exchange.ExchangeError(
+                    f"{key}: shape {tuple(value.shape)}, expected {tuple(target.shape)}"
+                )
+            target.copy_(value)
+        model.trained.fill_(True)
 
 
 def main() -> None:
@@ -83,6 +133,12 @@ def main() -> None:
         "validation loss every epoch (counted in the epoch time)",
     )
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--save-reference", help="write the trained reference for scvi-tools (.npz)")
+    ap.add_argument(
+        "--load-reference",
+        help="start from a reference trained by scvi-tools (.npz from peer_scvi.py "
+        "--save-reference) instead of training one",
+    )
     ap.add_argument(
         "--query-dropout",
         action=argparse.BooleanOptionalAction,
@@ -131,17 +187,25 @@ def main() -> None:
             train_counts, train_codes = _subset(ref_counts, ref_codes, rows)
         else:
             train_counts, train_codes = ref_counts, ref_codes
+    genes, batches = list(prepared.genes), [str(c) for c in prepared.covariates[0][1]]
     clock = EpochClock()
     clock.start()
     with t("ref_train"):
-        history = train_reference(
-            model,
-            train_counts,
-            train_codes,
-            options=ref_options,
-            progress=lambda *_: clock.tick(),
-        )
-    ref_epochs = clock.to_dict(history.n_train_cells)
+        if args.load_reference:
+            import_reference(model, genes, batches, args.load_reference)
+            ref_loss, n_ref_train = None, 0
+        else:
+            history = train_reference(
+                model,
+                train_counts,
+                train_codes,
+                options=ref_options,
+                progress=lambda *_: clock.tick(),
+            )
+            ref_loss, n_ref_train = history.final_loss, history.n_train_cells
+    ref_epochs = clock.to_dict(n_ref_train)
+    if args.save_reference:
+        export_reference(model, genes, batches, args.save_reference)
     with t("ref_embed"):
         z_ref = embed_matrix(model, ref_counts, ref_codes, device=args.device)
     # Labels of the cells prepare_reference kept (it drops cells without counts).
@@ -207,7 +271,8 @@ def main() -> None:
             "phases": t.to_dict(),
             "ref_epochs": ref_epochs,
             "query_epochs": query_epochs,
-            "final_losses": {"reference": history.final_loss, "query": q_history.final_loss},
+            "reference_from": args.load_reference,
+            "final_losses": {"reference": ref_loss, "query": q_history.final_loss},
             "peak_rss_mb": peak_rss_mb(),
             "finished": time.time(),
         },
