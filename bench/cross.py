@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import SIZES, knn_quality, write_json
-from compare import BENCH, DEFAULT_OUT, ensure_data, find_peer, run_child, side_cmd
+from compare import BENCH, DEFAULT_OUT, cpu_model, ensure_data, find_peer, run_child, side_cmd
 
 TOOLS = {"hubarches": "run_hubarches.py", "scvi-tools": "peer_scvi.py"}
 # Float32 round-off between the tools' kernels is ~1e-6; a wrong exchange shows as ~1.
@@ -90,12 +91,22 @@ def one_seed(
     return runs
 
 
-def render(per_seed: dict[int, dict[str, Any]], args: argparse.Namespace) -> str:
+def machine_line(args: argparse.Namespace) -> str:
+    """Where and when the runs were made (the table's second line)."""
+    day = time.strftime("%Y-%m-%d")
+    return f"{day}, {cpu_model()}, {args.threads} threads"
+
+
+def render(per_seed: dict[int, dict[str, Any]], args: argparse.Namespace, machine: str) -> str:
     """Markdown: per cell, mean kNN accuracy and mixing over seeds, and each seed's mixing."""
     seeds = sorted(per_seed)
+    first = per_seed[seeds[0]]
+    versions = ", ".join(f"{tool} {first[f'{tool}/{tool}']['versions'][tool]}" for tool in TOOLS)
     lines = [
         f"# Cross-training: {args.size}, {args.epochs} + {args.epochs} epochs, "
         f"training seeds {', '.join(map(str, seeds))}",
+        "",
+        f"Run: {machine}; {versions}.",
         "",
         f"Command: `python bench/cross.py --size {args.size} --seeds "
         f"{' '.join(map(str, seeds))} --epochs {args.epochs} --threads {args.threads} "
@@ -172,10 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.rerender:
         saved = json.loads((Path(args.out) / "cross.json").read_text())
+        machine = saved.pop("machine", None) or machine_line(args)
         per_seed = {int(s): r for s, r in saved.items() if int(s) in args.seeds}
         if sorted(per_seed) != sorted(args.seeds):
             raise SystemExit(f"[cross] cross.json holds seeds {sorted(saved)}, not {args.seeds}")
-        text = render(per_seed, args)
+        text = render(per_seed, args, machine)
         sys.stdout.write(text)
         Path(args.results).write_text(text)
         return
@@ -184,8 +196,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("[cross] needs scvi-tools: pass --peer-python")
     data = ensure_data(args.size, args.seed, Path(DEFAULT_OUT) / "data")
     per_seed = {seed: one_seed(args, data, peer, seed) for seed in args.seeds}
-    write_json(Path(args.out) / "cross.json", {str(s): r for s, r in per_seed.items()})
-    text = render(per_seed, args)
+    machine = machine_line(args)
+    saved: dict[str, Any] = {str(s): r for s, r in per_seed.items()}
+    write_json(Path(args.out) / "cross.json", {"machine": machine, **saved})
+    text = render(per_seed, args, machine)
     sys.stdout.write(text)
     Path(args.results).write_text(text)
 
