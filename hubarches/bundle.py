@@ -332,13 +332,22 @@ def make_temp_dir(parent: Path, *, prefix: str) -> Path:
     parent = Path(parent)
     host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
     while True:
-        parent.mkdir(parents=True, exist_ok=True)
         path = parent / f"{prefix}{_TEMP_MARK}{host}-{os.getpid()}-{secrets.token_hex(6)}"
         try:
+            # Inside the try: another writer may create ``parent`` and remove it again
+            # (remove_if_empty) between mkdir's attempt and its is_dir check, and then
+            # exist_ok=True raises FileExistsError for a directory that is not there.
+            parent.mkdir(parents=True, exist_ok=True)
             # Not tempfile.mkdtemp: its 0700 would make a published version unreadable to
             # the other users of a shared registry; mkdir applies the user's umask instead.
             path.mkdir(mode=0o777)
         except (FileExistsError, FileNotFoundError):  # taken, or ``parent`` just removed
+            try:
+                mode = parent.stat().st_mode  # one call: exists() then is_dir() would race
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISDIR(mode):  # a file where the folder should be: never resolves
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(parent)) from None
             continue
         return path
 

@@ -480,6 +480,36 @@ def test_stale_temp_dirs_are_cleaned(tmp_path):
     assert clean_stale_temp_dirs(tmp_path, max_age_s=-1) == [fresh]
 
 
+def test_temp_dir_survives_its_parent_vanishing_during_mkdir(tmp_path, monkeypatch):
+    """Another writer may create the temp root and remove it (empty) while we create it.
+
+    Path.mkdir(exist_ok=True) then raises FileExistsError for a folder that is gone; seen
+    as a failed concurrent push. make_temp_dir must try again instead.
+    """
+    parent = tmp_path / ".tmp"
+    real_mkdir = Path.mkdir
+    raced = []
+
+    def racing_mkdir(self, *args, **kwargs):
+        if self == parent and not raced:
+            raced.append(self)
+            raise FileExistsError(17, "File exists", str(self))  # made and removed meanwhile
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+    made = make_temp_dir(parent, prefix="push")
+    assert raced == [parent]
+    assert made.is_dir()
+    assert made.parent == parent
+
+
+def test_temp_dir_under_a_file_is_refused(tmp_path):
+    blocker = tmp_path / ".tmp"
+    blocker.write_text("not a folder")
+    with pytest.raises(NotADirectoryError):
+        make_temp_dir(blocker, prefix="push")
+
+
 def test_written_bundles_follow_the_umask_not_0700(tmp_path, make_manifest) -> None:
     """A shared registry's other users must be able to read published versions."""
     old = os.umask(0o022)
