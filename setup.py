@@ -45,7 +45,7 @@ setup(
             libraries=[] if sys.platform == "win32" else ["m"],
             optional=True,
         )
-        for name in ("_fastcore", "_fastnet")
+        for name in ("_fastcore", "_fastnet", "_fastgemm")
     ],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -27,6 +27,7 @@ from torch import nn
 
 from hubarches import native
 from hubarches.batching import Minibatch
+from hubarches.gemm import FrozenProduct
 from hubarches.model import CVAE, VAR_EPS
 from hubarches.nn import CovariateWeight, HiddenBlock
 from hubarches.surgery import new_parameters
@@ -309,6 +310,7 @@ class QueryStep:
         drop = dec.dropout_logits
         w_a = dec.scale.weight.detach()
         self.w_heads = w_a if drop is None else torch.cat([w_a, drop.weight.detach()])
+        self.heads_product = FrozenProduct(self.w_heads)
         self.b_a = dec.scale.bias.detach().contiguous()
         self.b_p = None if drop is None else drop.bias.detach().contiguous()
         self.latent = tuple(
@@ -425,7 +427,7 @@ class QueryStep:
         ``out["grad_h"]`` gets the gradient of the NLL's sum at ``h``. The counts are read
         from the batch's CSR rows where it has them (no dense copy).
         """
-        torch.mm(h, self.w_heads.t(), out=out["heads"])
+        self.heads_product.forward(h, out["heads"])
         a, p, grad_a, grad_p = self._views[h.shape[0]]
         log_library = torch.from_numpy(self.log_library[rows])
         stored = batch.stored
@@ -448,7 +450,7 @@ class QueryStep:
             out=(out["nll"], grad_a, grad_p),
         )
         # Both heads' gradients side by side in one buffer: one product back.
-        torch.mm(out["grad_heads"], self.w_heads, out=out["grad_h"])
+        self.heads_product.backward(out["grad_heads"], out["grad_h"])
         return nll
 
     def __call__(

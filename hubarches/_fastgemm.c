@@ -1,0 +1,281 @@
+/* AVX-512 float32 products of the decoder's gene-wide heads: hubarches._fastgemm.
+ *
+ * A query step spends most of its time in two products with the frozen heads W [n, k]
+ * (n = 2 x genes for ZINB, k = n_hidden): C = H W^T (forward) and G W (the gradient at H).
+ * PyTorch's CPU wheel calls MKL, which on AMD processors runs its AVX2 code even where the
+ * processor has full-width AVX-512 (Zen 4, Zen 5): about half of what the cores can do. These
+ * kernels are register-blocked AVX-512 loops (12 rows x 32 columns of accumulators), with W
+ * packed once into 32-column panels for the forward product. Each output is one thread's sum
+ * in a fixed order, so results do not depend on the thread count.
+ *
+ * supported() says whether this processor and build can run them; hubarches.gemm decides
+ * when to use them. Every array is float32 with contiguous rows; addresses come from Python.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HA_X86 1
+#include <immintrin.h>
+#else
+#define HA_X86 0
+#endif
+
+#define MR 12 /* rows of accumulators */
+#define NR 32 /* columns: two 16-lane registers */
+#define KC 256 /* reduction chunk of the backward product (its W rows stay in L1) */
+
+static void *as_pointer(Py_ssize_t address) { return (void *)(uintptr_t)address; }
+
+#if HA_X86
+#define HA_AVX512 __attribute__((target("avx512f")))
+#define HA_INLINE static inline __attribute__((always_inline))
+
+/* Rows [0, mr) x columns [0, NR) of C = A Bp, where Bp is one packed panel [k, NR]
+ * (zero-padded past the matrix' last column) and A is [mr, k] with row stride lda. Columns
+ * at or past ``cols`` are not stored. */
+HA_INLINE HA_AVX512 void tile_nt(int mr, Py_ssize_t k, const float *a, Py_ssize_t lda,
+                                 const float *bp, float *c, Py_ssize_t ldc, int cols) {
+    __m512 acc[MR][2];
+    for (int r = 0; r < mr; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (Py_ssize_t kk = 0; kk < k; kk++) {
+        const __m512 b0 = _mm512_loadu_ps(bp + kk * NR), b1 = _mm512_loadu_ps(bp + kk * NR + 16);
+        for (int r = 0; r < mr; r++) {
+            const __m512 x = _mm512_set1_ps(a[r * lda + kk]);
+            acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
+        }
+    }
+    const __mmask16 m0 = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1u);
+    const __mmask16 m1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1u);
+    for (int r = 0; r < mr; r++) {
+        _mm512_mask_storeu_ps(c + r * ldc, m0, acc[r][0]);
+        _mm512_mask_storeu_ps(c + r * ldc + 16, m1, acc[r][1]);
+    }
+}
+
+/* Rows [0, mr) x columns [0, cols) (cols <= NR) of C (+)= A[:, n0:n1] Bp[n0:n1, :], where
+ * Bp is one packed column panel [n, NR] of B; ``add`` keeps what C holds. */
+HA_INLINE HA_AVX512 void tile_nn(int mr, Py_ssize_t n0, Py_ssize_t n1, const float *a,
+                                 Py_ssize_t lda, const float *bp, float *c, Py_ssize_t ldc,
+                                 int cols, int add) {
+    const __mmask16 m0 = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1u);
+    const __mmask16 m1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1u);
+    __m512 acc[MR][2];
+    for (int r = 0; r < mr; r++) {
+        if (add) {
+            acc[r][0] = _mm512_maskz_loadu_ps(m0, c + r * ldc);
+            acc[r][1] = _mm512_maskz_loadu_ps(m1, c + r * ldc + 16);
+        } else {
+            acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        }
+    }
+    for (Py_ssize_t j = n0; j < n1; j++) {
+        const __m512 b0 = _mm512_loadu_ps(bp + j * NR), b1 = _mm512_loadu_ps(bp + j * NR + 16);
+        for (int r = 0; r < mr; r++) {
+            const __m512 x = _mm512_set1_ps(a[r * lda + j]);
+            acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < mr; r++) {
+        _mm512_mask_storeu_ps(c + r * ldc, m0, acc[r][0]);
+        _mm512_mask_storeu_ps(c + r * ldc + 16, m1, acc[r][1]);
+    }
+}
+
+/* The tile functions with the row count a constant, so that the accumulators stay in
+ * registers: one instance per row count 1..MR. */
+#define HA_CASES(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12)
+
+#define HA_NT(R)                                                                              \
+    static HA_AVX512 void nt_##R(Py_ssize_t k, const float *a, Py_ssize_t lda, const float *bp, \
+                                 float *c, Py_ssize_t ldc, int cols) {                         \
+        tile_nt(R, k, a, lda, bp, c, ldc, cols);                                               \
+    }
+HA_CASES(HA_NT)
+#define HA_NN(R)                                                                              \
+    static HA_AVX512 void nn_##R(Py_ssize_t n0, Py_ssize_t n1, const float *a, Py_ssize_t lda, \
+                                 const float *bp, float *c, Py_ssize_t ldc, int cols, int add) { \
+        tile_nn(R, n0, n1, a, lda, bp, c, ldc, cols, add);                                     \
+    }
+HA_CASES(HA_NN)
+
+typedef void (*nt_fn)(Py_ssize_t, const float *, Py_ssize_t, const float *, float *, Py_ssize_t,
+                      int);
+typedef void (*nn_fn)(Py_ssize_t, Py_ssize_t, const float *, Py_ssize_t, const float *,
+                      float *, Py_ssize_t, int, int);
+#define HA_REF_NT(R) nt_##R,
+#define HA_REF_NN(R) nn_##R,
+static const nt_fn NT[MR] = {HA_CASES(HA_REF_NT)};
+static const nn_fn NN[MR] = {HA_CASES(HA_REF_NN)};
+
+static int cpu_ok(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+}
+
+/* C [m, n] = A [m, k] B^T, B packed by pack_rows(): tiles in panel-major order over threads. */
+static void run_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_ssize_t lda,
+                   const float *packed, float *c, Py_ssize_t ldc, int threads) {
+    const Py_ssize_t panels = (n + NR - 1) / NR, blocks = (m + MR - 1) / MR;
+    const Py_ssize_t tiles = panels * blocks;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (Py_ssize_t t = 0; t < tiles; t++) {
+        const Py_ssize_t p = t / blocks, i0 = (t % blocks) * MR;
+        const Py_ssize_t rows = m - i0 < MR ? m - i0 : MR;
+        const Py_ssize_t j0 = p * NR, cols = n - j0 < NR ? n - j0 : NR;
+        NT[rows - 1](k, a + i0 * lda, lda, packed + p * NR * k, c + i0 * ldc + j0, ldc, (int)cols);
+    }
+}
+
+/* C [m, k] = A [m, n] B [n, k], B packed by pack_columns(): the reduction over n in chunks of
+ * KC, tiles over threads. The static schedule gives each thread the same tiles in every
+ * chunk, so no barrier is needed. */
+static void run_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_ssize_t lda,
+                   const float *packed, float *c, Py_ssize_t ldc, int threads) {
+    const Py_ssize_t panels = (k + NR - 1) / NR, blocks = (m + MR - 1) / MR;
+    const Py_ssize_t tiles = panels * blocks;
+    if (n == 0) {
+        for (Py_ssize_t i = 0; i < m; i++) memset(c + i * ldc, 0, (size_t)k * sizeof(float));
+        return;
+    }
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    for (Py_ssize_t n0 = 0; n0 < n; n0 += KC) {
+        const Py_ssize_t n1 = n - n0 < KC ? n : n0 + KC;
+#pragma omp for schedule(static) nowait
+        for (Py_ssize_t t = 0; t < tiles; t++) {
+            const Py_ssize_t p = t / blocks, i0 = (t % blocks) * MR;
+            const Py_ssize_t rows = m - i0 < MR ? m - i0 : MR;
+            const Py_ssize_t j0 = p * NR, cols = k - j0 < NR ? k - j0 : NR;
+            NN[rows - 1](n0, n1, a + i0 * lda, lda, packed + p * NR * n, c + i0 * ldc + j0,
+                         ldc, (int)cols, n0 > 0);
+        }
+    }
+}
+#else
+static int cpu_ok(void) { return 0; }
+#endif
+
+/* B [n, k] (row stride ldb) as gemm_nt reads it: panel p of NR rows of B, transposed,
+ * B[p*NR + j, kk] at p*NR*k + kk*NR + j; zeros past row n. */
+static void pack_rows(Py_ssize_t n, Py_ssize_t k, const float *b, Py_ssize_t ldb, float *out) {
+    for (Py_ssize_t p = 0; p < (n + NR - 1) / NR; p++) {
+        float *dst = out + p * NR * k;
+        for (Py_ssize_t kk = 0; kk < k; kk++)
+            for (Py_ssize_t j = 0; j < NR; j++) {
+                const Py_ssize_t row = p * NR + j;
+                dst[kk * NR + j] = row < n ? b[row * ldb + kk] : 0.0f;
+            }
+    }
+}
+
+/* B [n, k] as gemm_nn reads it: panel p of NR columns, B[j, p*NR + c] at p*NR*n + j*NR + c;
+ * zeros past column k. Contiguous panels keep the rows a tile reads in distinct cache sets. */
+static void pack_columns(Py_ssize_t n, Py_ssize_t k, const float *b, Py_ssize_t ldb, float *out) {
+    for (Py_ssize_t p = 0; p < (k + NR - 1) / NR; p++) {
+        float *dst = out + p * NR * n;
+        for (Py_ssize_t j = 0; j < n; j++)
+            for (Py_ssize_t c = 0; c < NR; c++) {
+                const Py_ssize_t col = p * NR + c;
+                dst[j * NR + c] = col < k ? b[j * ldb + col] : 0.0f;
+            }
+    }
+}
+
+PyDoc_STRVAR(supported_doc, "supported() -> bool\n\nWhether this build and processor run the "
+                            "AVX-512 kernels.");
+
+static PyObject *supported(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyBool_FromLong(cpu_ok());
+}
+
+PyDoc_STRVAR(packed_size_doc, "packed_size(n, k) -> int\n\nFloats pack() writes for B [n, k].");
+
+static PyObject *packed_size(PyObject *self, PyObject *args) {
+    Py_ssize_t n, k;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nn", &n, &k)) return NULL;
+    const Py_ssize_t rows = (n + NR - 1) / NR * NR * k, cols = (k + NR - 1) / NR * NR * n;
+    return PyLong_FromSsize_t(rows > cols ? rows : cols);
+}
+
+PyDoc_STRVAR(pack_doc, "pack(b, n, k, ldb, out, transposed)\n\nB [n, k] (row stride ldb) into "
+                       "the panels gemm_nt (transposed) or gemm_nn reads; out holds\n"
+                       "packed_size(n, k) floats.");
+
+static PyObject *pack(PyObject *self, PyObject *args) {
+    Py_ssize_t b, n, k, ldb, out;
+    int transposed;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nnnnnp", &b, &n, &k, &ldb, &out, &transposed)) return NULL;
+    if (!b || !out || n < 0 || k < 0 || ldb < k) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastgemm.pack");
+        return NULL;
+    }
+    (transposed ? pack_rows : pack_columns)(n, k, as_pointer(b), ldb, as_pointer(out));
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(gemm_nt_doc, "gemm_nt(m, n, k, a, lda, packed, c, ldc, threads)\n\n"
+                          "C [m, n] = A [m, k] B^T with B packed by pack(transposed=True).");
+
+static PyObject *gemm_nt(PyObject *self, PyObject *args) {
+    Py_ssize_t m, n, k, a, lda, packed, c, ldc;
+    int threads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nnnnnnnni", &m, &n, &k, &a, &lda, &packed, &c, &ldc, &threads))
+        return NULL;
+    if (!cpu_ok() || !a || !packed || !c || m < 0 || n < 0 || k < 0 || lda < k || ldc < n) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastgemm.gemm_nt");
+        return NULL;
+    }
+#if HA_X86
+    Py_BEGIN_ALLOW_THREADS;
+    run_nt(m, n, k, as_pointer(a), lda, as_pointer(packed), as_pointer(c), ldc,
+           threads < 1 ? 1 : threads);
+    Py_END_ALLOW_THREADS;
+#endif
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(gemm_nn_doc, "gemm_nn(m, n, k, a, lda, packed, c, ldc, threads)\n\n"
+                          "C [m, k] = A [m, n] B with B [n, k] packed by pack(transposed=False).");
+
+static PyObject *gemm_nn(PyObject *self, PyObject *args) {
+    Py_ssize_t m, n, k, a, lda, packed, c, ldc;
+    int threads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nnnnnnnni", &m, &n, &k, &a, &lda, &packed, &c, &ldc, &threads))
+        return NULL;
+    if (!cpu_ok() || !a || !packed || !c || m < 0 || n < 0 || k < 0 || lda < n || ldc < k) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastgemm.gemm_nn");
+        return NULL;
+    }
+#if HA_X86
+    Py_BEGIN_ALLOW_THREADS;
+    run_nn(m, n, k, as_pointer(a), lda, as_pointer(packed), as_pointer(c), ldc,
+           threads < 1 ? 1 : threads);
+    Py_END_ALLOW_THREADS;
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"supported", supported, METH_NOARGS, supported_doc},
+    {"packed_size", packed_size, METH_VARARGS, packed_size_doc},
+    {"pack", pack, METH_VARARGS, pack_doc},
+    {"gemm_nt", gemm_nt, METH_VARARGS, gemm_nt_doc},
+    {"gemm_nn", gemm_nn, METH_VARARGS, gemm_nn_doc},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastgemm",
+                                    "AVX-512 products of the decoder's heads (optional).", -1,
+                                    methods};
+
+PyMODINIT_FUNC PyInit__fastgemm(void) { return PyModule_Create(&module); }

@@ -1,0 +1,102 @@
+"""Products with a frozen matrix, on hubarches' AVX-512 kernels where the processor has them.
+
+Query training multiplies by the decoder's frozen gene-wide heads ``W [n, k]`` twice a step:
+``H Wᵀ`` forward and ``G W`` back to the hidden layer. PyTorch's CPU wheel hands both to MKL,
+which on AMD processors with AVX-512 (Zen 4, Zen 5) runs its AVX2 code, about half of what
+the cores can do; ``hubarches._fastgemm`` packs ``W`` once and runs register-blocked AVX-512
+loops instead (2.4× MKL's rate at the step's shapes on a Zen 5 EPYC, `bench/micro.py`).
+
+:class:`FrozenProduct` chooses once, by what the processor supports: the kernels wherever
+AVX-512F is present (each output is then one thread's sum in a fixed order, so a run repeats
+bitwise whatever the thread count), ``torch.mm`` elsewhere or with ``HUBARCHES_GEMM=torch``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    from hubarches import _fastgemm
+except ImportError:  # built without a C compiler: torch.mm does the products
+    _fastgemm = None
+
+__all__ = ["GEMM_ENV", "FrozenProduct", "kernels_available"]
+
+GEMM_ENV = "HUBARCHES_GEMM"
+"""``torch`` makes :class:`FrozenProduct` use ``torch.mm``; unset or ``auto``, the kernels
+run where the processor supports them."""
+
+
+def kernels_available() -> bool:
+    """Whether the AVX-512 kernels are built, supported here, and not turned off."""
+    if _fastgemm is None or os.environ.get(GEMM_ENV, "auto").strip().lower() == "torch":
+        return False
+    return bool(_fastgemm.supported())
+
+
+def _plain(t: torch.Tensor, shape: tuple[int, int]) -> bool:
+    """A float32 CPU matrix of ``shape`` with contiguous rows."""
+    return (
+        t.device.type == "cpu"
+        and t.dtype == torch.float32
+        and tuple(t.shape) == shape
+        and (t.stride(1) == 1 or shape[1] <= 1)
+    )
+
+
+class FrozenProduct:
+    """``H Wᵀ`` and ``G W`` for one matrix ``W [n, k]`` that does not change.
+
+    ``W`` is packed at construction for the kernels (two copies of its size), so it must not
+    change while the product is used. Without the kernels both products are ``torch.mm``.
+    """
+
+    def __init__(self, weight: torch.Tensor, *, use_kernels: bool | None = None) -> None:
+        if weight.dim() != 2:
+            raise ValueError(f"FrozenProduct needs a matrix, got shape {list(weight.shape)}")
+        self.weight = weight.detach()
+        self.n, self.k = (int(s) for s in weight.shape)
+        wanted = kernels_available() if use_kernels is None else use_kernels
+        self.uses_kernels = bool(
+            wanted and kernels_available() and _plain(self.weight, (self.n, self.k))
+        )
+        self._rows = self._columns = None
+        if self.uses_kernels and self.n * self.k > 0:
+            assert _fastgemm is not None
+            w = self.weight.contiguous()
+            size = _fastgemm.packed_size(self.n, self.k)
+            self._rows, self._columns = torch.empty(size), torch.empty(size)
+            for packed, transposed in ((self._rows, True), (self._columns, False)):
+                _fastgemm.pack(w.data_ptr(), self.n, self.k, self.k, packed.data_ptr(), transposed)
+
+    def forward(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out [m, n] = h [m, k] Wᵀ``; returns ``out``."""
+        m = h.shape[0]
+        if not (self._kernel_ready(m) and _plain(h, (m, self.k)) and _plain(out, (m, self.n))):
+            return torch.mm(h, self.weight.t(), out=out)
+        assert _fastgemm is not None
+        assert self._rows is not None
+        _fastgemm.gemm_nt(
+            m, self.n, self.k, h.data_ptr(), h.stride(0), self._rows.data_ptr(),
+            out.data_ptr(), out.stride(0), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def backward(self, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out [m, k] = g [m, n] W``; returns ``out``."""
+        m = g.shape[0]
+        if not (self._kernel_ready(m) and _plain(g, (m, self.n)) and _plain(out, (m, self.k))):
+            return torch.mm(g, self.weight, out=out)
+        assert _fastgemm is not None
+        assert self._columns is not None
+        _fastgemm.gemm_nn(
+            m, self.n, self.k, g.data_ptr(), g.stride(0), self._columns.data_ptr(),
+            out.data_ptr(), out.stride(0), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def _kernel_ready(self, m: int) -> bool:
+        """Kernels on and every dimension non-zero (empty products go to torch)."""
+        return self.uses_kernels and m > 0 and self.n > 0 and self.k > 0

@@ -1,0 +1,116 @@
+"""hubarches.gemm: products with a frozen matrix, on the AVX-512 kernels where they run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hubarches import gemm
+
+kernels = pytest.mark.skipif(
+    not gemm.kernels_available(), reason="the AVX-512 kernels need AVX-512F and _fastgemm"
+)
+
+# Rows, columns and depth around the kernels' 12 x 32 tiles and 256-long reduction chunks.
+SHAPES = [(128, 4000, 128), (1, 1, 1), (13, 33, 7), (12, 32, 32), (25, 257, 100), (7, 600, 33)]
+
+
+def _data(m: int, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(shape, generator=g) for shape in ((n, k), (m, k), (m, n)))
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Within float32 rounding of a float64 product (relative to the largest entry)."""
+    scale = max(float(want.abs().max()), 1.0)
+    assert float((got.double() - want).abs().max()) <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("use_kernels", [False, pytest.param(True, marks=kernels)])
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_products_equal_float64_ones(use_kernels: bool, m: int, n: int, k: int) -> None:
+    w, h, g = _data(m, n, k)
+    product = gemm.FrozenProduct(w, use_kernels=use_kernels)
+    assert product.uses_kernels is use_kernels
+    _close(product.forward(h, torch.full((m, n), float("nan"))), h.double() @ w.double().t())
+    _close(product.backward(g, torch.full((m, k), float("nan"))), g.double() @ w.double())
+
+
+@kernels
+def test_row_views_with_a_longer_stride_are_read_and_written_in_place() -> None:
+    """The query step's buffers are column slices of a wider array."""
+    w, h, g = _data(20, 70, 40)
+    wide_h = torch.randn(20, 50)
+    wide_h[:, :40] = h
+    out = torch.zeros(20, 100)
+    product = gemm.FrozenProduct(w)
+    product.forward(wide_h[:, :40], out[:, 10:80])
+    _close(out[:, 10:80], h.double() @ w.double().t())
+    assert bool((out[:, :10] == 0).all())
+    assert bool((out[:, 80:] == 0).all())
+    grad = torch.zeros(20, 60)
+    product.backward(torch.cat([g, torch.ones(20, 5)], dim=1)[:, :70], grad[:, 5:45])
+    _close(grad[:, 5:45], g.double() @ w.double())
+    assert bool((grad[:, :5] == 0).all())
+    assert bool((grad[:, 45:] == 0).all())
+
+
+@kernels
+def test_results_do_not_depend_on_the_thread_count() -> None:
+    """Each output is one thread's sum in a fixed order: a run repeats bitwise."""
+    w, h, g = _data(128, 1000, 128, seed=3)
+    product = gemm.FrozenProduct(w)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(
+                (
+                    product.forward(h, torch.empty(128, 1000)),
+                    product.backward(g, torch.empty(128, 128)),
+                )
+            )
+    finally:
+        torch.set_num_threads(before)
+    for fwd, bwd in results[1:]:
+        assert torch.equal(fwd, results[0][0])
+        assert torch.equal(bwd, results[0][1])
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(0, 5, 4), (3, 0, 4), (3, 5, 0)])
+def test_empty_products(m: int, n: int, k: int) -> None:
+    w, h, g = _data(m, n, k)
+    product = gemm.FrozenProduct(w)
+    assert product.forward(h, torch.empty(m, n)).shape == (m, n)
+    assert torch.equal(product.backward(g, torch.ones(m, k)), torch.zeros(m, k))
+
+
+def test_the_environment_switch_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(gemm.GEMM_ENV, "torch")
+    assert not gemm.kernels_available()
+    assert not gemm.FrozenProduct(torch.randn(8, 4)).uses_kernels
+    assert not gemm.FrozenProduct(torch.randn(8, 4), use_kernels=True).uses_kernels
+
+
+def test_other_dtypes_fall_back_to_torch() -> None:
+    w = torch.randn(40, 16, dtype=torch.float64)
+    product = gemm.FrozenProduct(w, use_kernels=True)
+    assert not product.uses_kernels
+    h = torch.randn(3, 16, dtype=torch.float64)
+    torch.testing.assert_close(
+        product.forward(h, torch.empty(3, 40, dtype=torch.float64)), h @ w.t()
+    )
+
+
+@kernels
+def test_inputs_of_other_layouts_go_to_torch() -> None:
+    w, h, _ = _data(5, 40, 16)
+    product = gemm.FrozenProduct(w)
+    # A transposed (column-major) input is not the kernels' layout: torch.mm computes it.
+    _close(product.forward(h.t().contiguous().t(), torch.empty(5, 40)), h.double() @ w.double().t())
+
+
+def test_a_non_matrix_is_refused() -> None:
+    with pytest.raises(ValueError, match="matrix"):
+        gemm.FrozenProduct(torch.randn(3))
