@@ -17,6 +17,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define HA_X86 1
 #include <immintrin.h>
@@ -118,41 +122,64 @@ static int cpu_ok(void) {
     return __builtin_cpu_supports("avx512f");
 }
 
-/* C [m, n] = A [m, k] B^T, B packed by pack_rows(): tiles in panel-major order over threads. */
+/* The rows [lo, hi) of thread t of T: the split of OpenMP's static schedule over m rows, the
+ * one the likelihood core uses over cells, so each thread's outputs are the rows it reads
+ * next and stay in its own core's cache. */
+static void thread_rows(Py_ssize_t m, int t, int T, Py_ssize_t *lo, Py_ssize_t *hi) {
+    const Py_ssize_t size = m / T, extra = m % T;
+    *lo = t * size + (t < extra ? t : extra);
+    *hi = *lo + size + (t < extra ? 1 : 0);
+}
+
+/* C [m, n] = A [m, k] B^T, B packed by pack_rows(): each thread its rows, panel by panel
+ * (a panel stays in L1 across the thread's row tiles). */
 static void run_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_ssize_t lda,
                    const float *packed, float *c, Py_ssize_t ldc, int threads) {
-    const Py_ssize_t panels = (n + NR - 1) / NR, blocks = (m + MR - 1) / MR;
-    const Py_ssize_t tiles = panels * blocks;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (Py_ssize_t t = 0; t < tiles; t++) {
-        const Py_ssize_t p = t / blocks, i0 = (t % blocks) * MR;
-        const Py_ssize_t rows = m - i0 < MR ? m - i0 : MR;
-        const Py_ssize_t j0 = p * NR, cols = n - j0 < NR ? n - j0 : NR;
-        NT[rows - 1](k, a + i0 * lda, lda, packed + p * NR * k, c + i0 * ldc + j0, ldc, (int)cols);
+    const Py_ssize_t panels = (n + NR - 1) / NR;
+    if (threads > m) threads = m > 0 ? (int)m : 1;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        Py_ssize_t lo = 0, hi = m;
+#ifdef _OPENMP
+        thread_rows(m, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+#endif
+        for (Py_ssize_t p = 0; p < panels; p++) {
+            const Py_ssize_t j0 = p * NR, cols = n - j0 < NR ? n - j0 : NR;
+            for (Py_ssize_t i0 = lo; i0 < hi; i0 += MR) {
+                const Py_ssize_t rows = hi - i0 < MR ? hi - i0 : MR;
+                NT[rows - 1](k, a + i0 * lda, lda, packed + p * NR * k, c + i0 * ldc + j0, ldc,
+                             (int)cols);
+            }
+        }
     }
 }
 
-/* C [m, k] = A [m, n] B [n, k], B packed by pack_columns(): the reduction over n in chunks of
- * KC, tiles over threads. The static schedule gives each thread the same tiles in every
- * chunk, so no barrier is needed. */
+/* C [m, k] = A [m, n] B [n, k], B packed by pack_columns(): each thread its rows, the
+ * reduction over n in chunks of KC (a chunk of a panel stays in L1 across the row tiles). */
 static void run_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_ssize_t lda,
                    const float *packed, float *c, Py_ssize_t ldc, int threads) {
-    const Py_ssize_t panels = (k + NR - 1) / NR, blocks = (m + MR - 1) / MR;
-    const Py_ssize_t tiles = panels * blocks;
+    const Py_ssize_t panels = (k + NR - 1) / NR;
     if (n == 0) {
         for (Py_ssize_t i = 0; i < m; i++) memset(c + i * ldc, 0, (size_t)k * sizeof(float));
         return;
     }
+    if (threads > m) threads = m > 0 ? (int)m : 1;
 #pragma omp parallel num_threads(threads) if (threads > 1)
-    for (Py_ssize_t n0 = 0; n0 < n; n0 += KC) {
-        const Py_ssize_t n1 = n - n0 < KC ? n : n0 + KC;
-#pragma omp for schedule(static) nowait
-        for (Py_ssize_t t = 0; t < tiles; t++) {
-            const Py_ssize_t p = t / blocks, i0 = (t % blocks) * MR;
-            const Py_ssize_t rows = m - i0 < MR ? m - i0 : MR;
-            const Py_ssize_t j0 = p * NR, cols = k - j0 < NR ? k - j0 : NR;
-            NN[rows - 1](n0, n1, a + i0 * lda, lda, packed + p * NR * n, c + i0 * ldc + j0,
-                         ldc, (int)cols, n0 > 0);
+    {
+        Py_ssize_t lo = 0, hi = m;
+#ifdef _OPENMP
+        thread_rows(m, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+#endif
+        for (Py_ssize_t n0 = 0; n0 < n; n0 += KC) {
+            const Py_ssize_t n1 = n - n0 < KC ? n : n0 + KC;
+            for (Py_ssize_t p = 0; p < panels; p++) {
+                const Py_ssize_t j0 = p * NR, cols = k - j0 < NR ? k - j0 : NR;
+                for (Py_ssize_t i0 = lo; i0 < hi; i0 += MR) {
+                    const Py_ssize_t rows = hi - i0 < MR ? hi - i0 : MR;
+                    NN[rows - 1](n0, n1, a + i0 * lda, lda, packed + p * NR * n,
+                                 c + i0 * ldc + j0, ldc, (int)cols, n0 > 0);
+                }
+            }
         }
     }
 }
