@@ -13,7 +13,7 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-UNIX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-std=c11"]
+UNIX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-std=c11", "-ffp-contract=fast"]
 MSVC_FLAGS = ["/O2"]
 
 
