@@ -1,9 +1,11 @@
 """Matrix-multiply micro-benchmark and the arithmetic floor of a query (and reference) epoch.
 
 GEMM throughput is measured at the shapes of one training step (batch B, hidden H, genes G,
-latent L). The floor of an epoch is the multiply-adds the step needs with hubarches' design,
-summed over the epoch's cells and divided by the rate measured at each term's shape: a query
-epoch cannot take less time than that on this machine, whatever else is made faster.
+latent L), for torch's products and, where the processor has AVX-512, for hubarches' own
+kernels (``hubarches.gemm``; on AMD processors they run at about twice MKL's rate). The floor
+of an epoch is the multiply-adds the step needs with hubarches' design, summed over the
+epoch's cells and divided by the best rate measured for each term, whichever code reached it:
+a query epoch cannot take less time than that on this machine, whatever else is made faster.
 
     .venv/bin/python bench/micro.py --threads 2 --cells 1800      # small query, 90 % split
     .venv/bin/python bench/micro.py --json micro.json --cells 18000 --ref-cells 45000
@@ -21,6 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+
+from hubarches.gemm import FrozenProduct, kernels_available
 
 ROUNDS = 3  # best of three rounds: the machine is shared, interference only slows things down
 MIN_ROUND_S = 0.2  # each round runs at least this long
@@ -51,7 +55,7 @@ def _shapes(d: Dims) -> dict[str, tuple[int, Callable[[], torch.Tensor]]]:
     w_enc = torch.randn(h, g)  # nn.Linear(G, H).weight
     w_small = torch.randn(lat, h)
     big = torch.randn(2048, 2048)
-    return {
+    shapes = {
         # forward of one G-wide head: [B,H] @ [H,G] + bias
         "head_fwd": (b * h * g, lambda: F.linear(hid, w_head, bias)),
         # input gradient through one head: [B,G] @ [G,H]
@@ -67,6 +71,19 @@ def _shapes(d: Dims) -> dict[str, tuple[int, Callable[[], torch.Tensor]]]:
         "small_HxL": (b * h * lat, lambda: F.linear(hid, w_small)),
         "square_2048": (2048**3, lambda: big @ big),
     }
+    if kernels_available():  # hubarches' AVX-512 products with a frozen matrix (no bias)
+        one, both = FrozenProduct(w_head), FrozenProduct(w_fused)
+        out_g, out_2g, out_h = torch.empty(b, g), torch.empty(b, 2 * g), torch.empty(b, h)
+        shapes |= {
+            "kernel_head_fwd": (b * h * g, lambda: one.forward(hid, out_g)),
+            "kernel_head_bwd_input": (b * g * h, lambda: one.backward(grad, out_h)),
+            "kernel_heads_fused_fwd": (2 * b * h * g, lambda: both.forward(hid, out_2g)),
+            "kernel_heads_fused_bwd_input": (
+                2 * b * g * h,
+                lambda: both.backward(grad_fused, out_h),
+            ),
+        }
+    return shapes
 
 
 def gemm_rates(dims: Dims, *, threads: int | None = None) -> dict[str, float]:
@@ -107,8 +124,19 @@ def floor_rates(dims: Dims, *, threads: int) -> dict[str, dict[str, float]]:
     return {"best": best, **{f"{n}_threads": r for n, r in measured.items()}}
 
 
-def query_step_terms(d: Dims) -> list[tuple[str, int, str | None]]:
-    """Multiply-adds per cell of one query-training step: (term, MACs, rate to use).
+# The measured products that compute each kind of term; a term is charged at the best of them.
+FORWARD = ("head_fwd", "heads_fused_fwd", "kernel_head_fwd", "kernel_heads_fused_fwd")
+BACKWARD_INPUT = (
+    "head_bwd_input",
+    "heads_fused_bwd_input",
+    "kernel_head_bwd_input",
+    "kernel_heads_fused_bwd_input",
+)
+Term = tuple[str, int, tuple[str, ...]]
+
+
+def query_step_terms(d: Dims) -> list[Term]:
+    """Multiply-adds per cell of one query-training step: (term, MACs, rates it may use).
 
     Only the covariate columns added by surgery train; every reference weight is frozen, so
     no weight gradient is a GEMM (the new columns' gradients are gathers/scatter-adds), and
@@ -120,45 +148,45 @@ def query_step_terms(d: Dims) -> list[tuple[str, int, str | None]]:
     return [
         # Encoder layer 1, W_x·log1p(x) + b: frozen and data-only, computed once per cell
         # before training (not per epoch); only its covariate columns are added per step.
-        ("encoder layer 1 forward (cached per cell)", 0, None),
+        ("encoder layer 1 forward (cached per cell)", 0, ()),
         # Encoder heads μ and log σ²: two H→L products.
-        ("encoder heads forward, 2·H·L", 2 * h * lat, "head_fwd"),
+        ("encoder heads forward, 2·H·L", 2 * h * lat, FORWARD),
         # Decoder hidden layer, z → H.
-        ("decoder hidden forward, L·H", lat * h, "head_fwd"),
+        ("decoder hidden forward, L·H", lat * h, FORWARD),
         # Decoder G-wide heads: scale (softmax logits) and, for ZINB, dropout logits.
-        (f"decoder heads forward, {n}·H·G", n * h * g, "head_fwd"),
+        (f"decoder heads forward, {n}·H·G", n * h * g, FORWARD),
         # Backward through the frozen heads: input gradient only, no weight gradient.
-        (f"decoder heads backward (input grad), {n}·G·H", n * g * h, "head_bwd_input"),
+        (f"decoder heads backward (input grad), {n}·G·H", n * g * h, BACKWARD_INPUT),
         # Decoder hidden layer backward to z (the encoder's new columns act through z).
-        ("decoder hidden backward (input grad), H·L", h * lat, "head_fwd"),
+        ("decoder hidden backward (input grad), H·L", h * lat, FORWARD),
         # Encoder heads backward to their input h (its new columns act through h).
-        ("encoder heads backward (input grad), 2·L·H", 2 * lat * h, "head_fwd"),
+        ("encoder heads backward (input grad), 2·L·H", 2 * lat * h, FORWARD),
         # Encoder layer 1 backward: x needs no gradient and W_x is frozen: nothing.
-        ("encoder layer 1 backward", 0, None),
+        ("encoder layer 1 backward", 0, ()),
     ]
 
 
-def reference_step_terms(d: Dims) -> list[tuple[str, int, str | None]]:
+def reference_step_terms(d: Dims) -> list[Term]:
     """Multiply-adds per cell of one reference-training step (every weight trains)."""
     g, h, lat, n = d.genes, d.hidden, d.latent, d.heads
     return [
-        ("encoder layer 1 forward, G·H", g * h, "encoder_first_fwd"),
-        ("encoder layer 1 weight grad, G·H", g * h, "head_weight_grad"),
-        (f"decoder heads forward, {n}·H·G", n * h * g, "head_fwd"),
-        (f"decoder heads backward (input grad), {n}·G·H", n * g * h, "head_bwd_input"),
-        (f"decoder heads weight grad, {n}·G·H", n * g * h, "head_weight_grad"),
+        ("encoder layer 1 forward, G·H", g * h, ("encoder_first_fwd",)),
+        ("encoder layer 1 weight grad, G·H", g * h, ("head_weight_grad",)),
+        (f"decoder heads forward, {n}·H·G", n * h * g, FORWARD),
+        (f"decoder heads backward (input grad), {n}·G·H", n * g * h, BACKWARD_INPUT),
+        (f"decoder heads weight grad, {n}·G·H", n * g * h, ("head_weight_grad",)),
         # encoder heads (2·H·L) and decoder hidden (L·H): forward, weight and input grads
-        ("H×L layers, forward + both grads, 9·H·L", 9 * h * lat, "head_fwd"),
+        ("H×L layers, forward + both grads, 9·H·L", 9 * h * lat, FORWARD),
     ]
 
 
-def epoch_floor(
-    terms: list[tuple[str, int, str | None]], rates: dict[str, float], n_cells: int
-) -> dict[str, object]:
-    """Seconds an epoch over ``n_cells`` needs for its multiply-adds at the measured rates."""
+def epoch_floor(terms: list[Term], rates: dict[str, float], n_cells: int) -> dict[str, object]:
+    """Seconds an epoch over ``n_cells`` needs for its multiply-adds at the best measured rates."""
     seconds = 0.0
     rows = []
-    for name, macs, shape in terms:
+    for name, macs, shapes in terms:
+        measured = [s for s in shapes if s in rates]
+        shape = max(measured, key=rates.__getitem__) if measured else None
         flops = 2.0 * macs * n_cells
         s = flops / (rates[shape] * 1e9) if shape and macs else 0.0
         seconds += s
@@ -202,7 +230,7 @@ def render(result: dict[str, object]) -> str:
     ]
     for name, rate in result["gflops"].items():  # type: ignore[union-attr]
         each = "".join(f"{r[name]:9.2f}" for r in measured.values())  # type: ignore[union-attr]
-        lines.append(f"  {name:24s}{each}{rate:9.2f}")
+        lines.append(f"  {name:30s}{each}{rate:9.2f}")
     for key in ("query_epoch", "reference_epoch"):
         floor = result.get(key)
         if not floor:

@@ -28,6 +28,14 @@ enum { NORM_NONE = 0, NORM_LAYER = 1, NORM_AFFINE = 2 };
 
 static void *as_pointer(Py_ssize_t address) { return (void *)(uintptr_t)address; }
 
+/* The per-cell passes in an AVX-512 version (x86-64-v4: its 64-bit multiplies vectorise the
+ * dropout masks' hash), an AVX2 one and the baseline, chosen at load time. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HA_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define HA_CLONES
+#endif
+
 /* One categorical covariate of a block: its column in the codes, the reference's columns
  * ([n_out, k_ref]) and surgery's ([n_out, k_new], NULL if none), and where the gradient of the
  * added columns goes ([n_out, k_new], NULL when they do not train). */
@@ -65,6 +73,7 @@ static inline uint64_t mix64(uint64_t z) {
 
 /* Cell i's dropout mask: Bernoulli(keep) / keep per unit, from a counter-based stream (cell
  * and unit number mixed into the seed), so the draws do not depend on the thread split. */
+HA_CLONES
 static void draw_mask(float *restrict mask, Py_ssize_t n_out, uint64_t seed, Py_ssize_t i,
                       float keep) {
     const uint64_t base = mix64(seed + 0xD1B54A32D192ED03ULL * (uint64_t)(i + 1));
@@ -109,6 +118,7 @@ static int codes_in_range(const Block *blk) {
     return 1;
 }
 
+HA_CLONES
 static void forward_cell(const Block *blk, Py_ssize_t i) {
     const Py_ssize_t n_in = blk->n_in, n_out = blk->n_out;
     const float *restrict src = blk->x + (blk->rows ? blk->rows[i] : i) * blk->x_stride;
@@ -159,6 +169,7 @@ static void forward_cell(const Block *blk, Py_ssize_t i) {
 }
 
 /* dpre of one cell from the gradient at the block's output; dx when asked. */
+HA_CLONES
 static void backward_cell(const Block *blk, Py_ssize_t i, const float *dout, float out_scale,
                           float *dpre, float *dx) {
     const Py_ssize_t n_in = blk->n_in, n_out = blk->n_out;
@@ -231,6 +242,7 @@ static float dot(const float *restrict a, const float *restrict b, Py_ssize_t n)
     return acc;
 }
 
+HA_CLONES
 static void latent_cell(const Latent *t, Py_ssize_t i) {
     const Py_ssize_t H = t->n_hidden, L = t->n_latent;
     const float *h = t->h + i * H;
@@ -248,6 +260,7 @@ static void latent_cell(const Latent *t, Py_ssize_t i) {
 
 
 /* dh of one cell: the gradient at the encoder's last hidden layer of dz·z + kl_scale·KL. */
+HA_CLONES
 static void latent_backward_cell(const Latent *t, Py_ssize_t i, const float *dz, float kl_scale,
                                  float *dh) {
     const Py_ssize_t H = t->n_hidden, L = t->n_latent;
