@@ -2,7 +2,8 @@
 
 GEMM throughput is measured at the shapes of one training step (batch B, hidden H, genes G,
 latent L), for torch's products and, where the processor has AVX-512, for hubarches' own
-kernels (``hubarches.gemm``; on AMD processors they run at about twice MKL's rate). The floor
+kernels (``hubarches.gemm``; on AMD processors, where query training uses them, they run at
+about twice MKL's rate). The floor
 of an epoch is the multiply-adds the step needs with hubarches' design, summed over the
 epoch's cells and divided by the best rate measured for each term, whichever code reached it:
 a query epoch cannot take less time than that on this machine, whatever else is made faster.
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from hubarches.gemm import FrozenProduct, kernels_available
+from hubarches.gemm import FrozenProduct, kernels_supported
 
 ROUNDS = 3  # best of three rounds: the machine is shared, interference only slows things down
 MIN_ROUND_S = 0.2  # each round runs at least this long
@@ -71,8 +72,9 @@ def _shapes(d: Dims) -> dict[str, tuple[int, Callable[[], torch.Tensor]]]:
         "small_HxL": (b * h * lat, lambda: F.linear(hid, w_small)),
         "square_2048": (2048**3, lambda: big @ big),
     }
-    if kernels_available():  # hubarches' AVX-512 products with a frozen matrix (no bias)
-        one, both = FrozenProduct(w_head), FrozenProduct(w_fused)
+    if kernels_supported():  # hubarches' AVX-512 products with a frozen matrix (no bias)
+        one = FrozenProduct(w_head, use_kernels=True)
+        both = FrozenProduct(w_fused, use_kernels=True)
         out_g, out_2g, out_h = torch.empty(b, g), torch.empty(b, 2 * g), torch.empty(b, h)
         shapes |= {
             "kernel_head_fwd": (b * h * g, lambda: one.forward(hid, out_g)),

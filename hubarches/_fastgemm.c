@@ -122,6 +122,11 @@ static int cpu_ok(void) {
     return __builtin_cpu_supports("avx512f");
 }
 
+static int cpu_intel(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel");
+}
+
 /* The rows [lo, hi) of thread t of T: the split of OpenMP's static schedule over m rows, the
  * one the likelihood core uses over cells, so each thread's outputs are the rows it reads
  * next and stay in its own core's cache. */
@@ -185,6 +190,7 @@ static void run_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_
 }
 #else
 static int cpu_ok(void) { return 0; }
+static int cpu_intel(void) { return 0; }
 #endif
 
 /* B [n, k] (row stride ldb) as gemm_nt reads it: panel p of NR rows of B, transposed,
@@ -220,6 +226,15 @@ static PyObject *supported(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
     return PyBool_FromLong(cpu_ok());
+}
+
+PyDoc_STRVAR(intel_doc, "intel() -> bool\n\nWhether the processor is Intel's (where MKL runs "
+                        "AVX-512 code itself).");
+
+static PyObject *intel(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyBool_FromLong(cpu_intel());
 }
 
 PyDoc_STRVAR(packed_size_doc, "packed_size(n, k) -> int\n\nFloats pack() writes for B [n, k].");
@@ -295,6 +310,7 @@ static PyObject *gemm_nn(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"supported", supported, METH_NOARGS, supported_doc},
+    {"intel", intel, METH_NOARGS, intel_doc},
     {"packed_size", packed_size, METH_VARARGS, packed_size_doc},
     {"pack", pack, METH_VARARGS, pack_doc},
     {"gemm_nt", gemm_nt, METH_VARARGS, gemm_nt_doc},

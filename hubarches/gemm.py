@@ -6,9 +6,11 @@ which on AMD processors with AVX-512 (Zen 4, Zen 5) runs its AVX2 code, about ha
 the cores can do; ``hubarches._fastgemm`` packs ``W`` once and runs register-blocked AVX-512
 loops instead (2.4× MKL's rate at the step's shapes on a Zen 5 EPYC, `bench/micro.py`).
 
-:class:`FrozenProduct` chooses once, by what the processor supports: the kernels wherever
-AVX-512F is present (each output is then one thread's sum in a fixed order, so a run repeats
-bitwise whatever the thread count), ``torch.mm`` elsewhere or with ``HUBARCHES_GEMM=torch``.
+:class:`FrozenProduct` chooses once, by the processor: the kernels where it has AVX-512F and
+is not Intel's (on Intel's, MKL runs AVX-512 code itself; there, and without AVX-512,
+``torch.mm``). ``HUBARCHES_GEMM=kernels`` uses them on any processor with AVX-512F,
+``HUBARCHES_GEMM=torch`` never. With the kernels each output is one thread's sum in a fixed
+order, so a run repeats bitwise whatever the thread count.
 """
 
 from __future__ import annotations
@@ -22,18 +24,30 @@ try:
 except ImportError:  # built without a C compiler: torch.mm does the products
     _fastgemm = None
 
-__all__ = ["GEMM_ENV", "FrozenProduct", "kernels_available"]
+__all__ = ["GEMM_ENV", "FrozenProduct", "kernels_available", "kernels_supported"]
 
 GEMM_ENV = "HUBARCHES_GEMM"
-"""``torch`` makes :class:`FrozenProduct` use ``torch.mm``; unset or ``auto``, the kernels
-run where the processor supports them."""
+"""``torch``: :class:`FrozenProduct` always uses ``torch.mm``; ``kernels``: the kernels
+wherever AVX-512F is present; unset or ``auto``: the kernels on non-Intel AVX-512 processors."""
+
+
+def _setting() -> str:
+    value = os.environ.get(GEMM_ENV, "auto").strip().lower()
+    return value if value in ("torch", "kernels") else "auto"
+
+
+def kernels_supported() -> bool:
+    """Whether the AVX-512 kernels are built and this processor can run them."""
+    return _fastgemm is not None and bool(_fastgemm.supported())
 
 
 def kernels_available() -> bool:
-    """Whether the AVX-512 kernels are built, supported here, and not turned off."""
-    if _fastgemm is None or os.environ.get(GEMM_ENV, "auto").strip().lower() == "torch":
+    """Whether :class:`FrozenProduct` uses the kernels by default here (see :data:`GEMM_ENV`)."""
+    setting = _setting()
+    if setting == "torch" or not kernels_supported():
         return False
-    return bool(_fastgemm.supported())
+    assert _fastgemm is not None
+    return setting == "kernels" or not _fastgemm.intel()
 
 
 def _plain(t: torch.Tensor, shape: tuple[int, int]) -> bool:
@@ -59,9 +73,8 @@ class FrozenProduct:
         self.weight = weight.detach()
         self.n, self.k = (int(s) for s in weight.shape)
         wanted = kernels_available() if use_kernels is None else use_kernels
-        self.uses_kernels = bool(
-            wanted and kernels_available() and _plain(self.weight, (self.n, self.k))
-        )
+        allowed = kernels_supported() and _setting() != "torch"
+        self.uses_kernels = bool(wanted and allowed and _plain(self.weight, (self.n, self.k)))
         self._rows = self._columns = None
         if self.uses_kernels and self.n * self.k > 0:
             assert _fastgemm is not None

@@ -8,7 +8,7 @@ import torch
 from hubarches import gemm
 
 kernels = pytest.mark.skipif(
-    not gemm.kernels_available(), reason="the AVX-512 kernels need AVX-512F and _fastgemm"
+    not gemm.kernels_supported(), reason="the AVX-512 kernels need AVX-512F and _fastgemm"
 )
 
 # Rows, columns and depth around the kernels' 12 x 32 tiles and 256-long reduction chunks.
@@ -43,7 +43,7 @@ def test_row_views_with_a_longer_stride_are_read_and_written_in_place() -> None:
     wide_h = torch.randn(20, 50)
     wide_h[:, :40] = h
     out = torch.zeros(20, 100)
-    product = gemm.FrozenProduct(w)
+    product = gemm.FrozenProduct(w, use_kernels=True)
     product.forward(wide_h[:, :40], out[:, 10:80])
     _close(out[:, 10:80], h.double() @ w.double().t())
     assert bool((out[:, :10] == 0).all())
@@ -59,7 +59,7 @@ def test_row_views_with_a_longer_stride_are_read_and_written_in_place() -> None:
 def test_results_do_not_depend_on_the_thread_count() -> None:
     """Each output is one thread's sum in a fixed order: a run repeats bitwise."""
     w, h, g = _data(128, 1000, 128, seed=3)
-    product = gemm.FrozenProduct(w)
+    product = gemm.FrozenProduct(w, use_kernels=True)
     before = torch.get_num_threads()
     results = []
     try:
@@ -93,6 +93,19 @@ def test_the_environment_switch_turns_the_kernels_off(monkeypatch: pytest.Monkey
     assert not gemm.FrozenProduct(torch.randn(8, 4), use_kernels=True).uses_kernels
 
 
+@kernels
+def test_the_default_follows_the_vendor_and_the_switch_forces_the_kernels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Auto: the kernels except on Intel's processors, where MKL runs AVX-512 itself."""
+    assert gemm._fastgemm is not None
+    monkeypatch.delenv(gemm.GEMM_ENV, raising=False)
+    assert gemm.kernels_available() is not bool(gemm._fastgemm.intel())
+    monkeypatch.setenv(gemm.GEMM_ENV, "kernels")
+    assert gemm.kernels_available()
+    assert gemm.FrozenProduct(torch.randn(8, 4)).uses_kernels
+
+
 def test_other_dtypes_fall_back_to_torch() -> None:
     w = torch.randn(40, 16, dtype=torch.float64)
     product = gemm.FrozenProduct(w, use_kernels=True)
@@ -106,7 +119,7 @@ def test_other_dtypes_fall_back_to_torch() -> None:
 @kernels
 def test_inputs_of_other_layouts_go_to_torch() -> None:
     w, h, _ = _data(5, 40, 16)
-    product = gemm.FrozenProduct(w)
+    product = gemm.FrozenProduct(w, use_kernels=True)
     # A transposed (column-major) input is not the kernels' layout: torch.mm computes it.
     _close(product.forward(h.t().contiguous().t(), torch.empty(5, 40)), h.double() @ w.double().t())
 
