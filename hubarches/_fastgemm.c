@@ -195,27 +195,36 @@ static int cpu_intel(void) { return 0; }
 
 /* B [n, k] (row stride ldb) as gemm_nt reads it: panel p of NR rows of B, transposed,
  * B[p*NR + j, kk] at p*NR*k + kk*NR + j; zeros past row n. */
-static void pack_rows(Py_ssize_t n, Py_ssize_t k, const float *b, Py_ssize_t ldb, float *out) {
+static void pack_rows(Py_ssize_t n, Py_ssize_t k, const float *b, Py_ssize_t ldb, float *out,
+                      int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (Py_ssize_t p = 0; p < (n + NR - 1) / NR; p++) {
-        float *dst = out + p * NR * k;
-        for (Py_ssize_t kk = 0; kk < k; kk++)
-            for (Py_ssize_t j = 0; j < NR; j++) {
-                const Py_ssize_t row = p * NR + j;
-                dst[kk * NR + j] = row < n ? b[row * ldb + kk] : 0.0f;
-            }
+        float *dst = out + p * NR * k; /* NR x k floats: stays in L1 while it is written */
+        for (Py_ssize_t j = 0; j < NR; j++) {
+            const Py_ssize_t row = p * NR + j;
+            const float *src = b + row * ldb;
+            if (row < n)
+                for (Py_ssize_t kk = 0; kk < k; kk++) dst[kk * NR + j] = src[kk];
+            else
+                for (Py_ssize_t kk = 0; kk < k; kk++) dst[kk * NR + j] = 0.0f;
+        }
     }
 }
 
 /* B [n, k] as gemm_nn reads it: panel p of NR columns, B[j, p*NR + c] at p*NR*n + j*NR + c;
  * zeros past column k. Contiguous panels keep the rows a tile reads in distinct cache sets. */
-static void pack_columns(Py_ssize_t n, Py_ssize_t k, const float *b, Py_ssize_t ldb, float *out) {
-    for (Py_ssize_t p = 0; p < (k + NR - 1) / NR; p++) {
-        float *dst = out + p * NR * n;
-        for (Py_ssize_t j = 0; j < n; j++)
-            for (Py_ssize_t c = 0; c < NR; c++) {
-                const Py_ssize_t col = p * NR + c;
-                dst[j * NR + c] = col < k ? b[j * ldb + col] : 0.0f;
-            }
+static void pack_columns(Py_ssize_t n, Py_ssize_t k, const float *b, Py_ssize_t ldb, float *out,
+                         int threads) {
+    const Py_ssize_t panels = (k + NR - 1) / NR;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (Py_ssize_t j = 0; j < n; j++) {
+        const float *src = b + j * ldb;
+        for (Py_ssize_t p = 0; p < panels; p++) {
+            float *dst = out + p * NR * n + j * NR;
+            const Py_ssize_t c0 = p * NR, width = k - c0 < NR ? k - c0 : NR;
+            memcpy(dst, src + c0, (size_t)width * sizeof(float));
+            for (Py_ssize_t c = width; c < NR; c++) dst[c] = 0.0f;
+        }
     }
 }
 
@@ -247,20 +256,24 @@ static PyObject *packed_size(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(rows > cols ? rows : cols);
 }
 
-PyDoc_STRVAR(pack_doc, "pack(b, n, k, ldb, out, transposed)\n\nB [n, k] (row stride ldb) into "
-                       "the panels gemm_nt (transposed) or gemm_nn reads; out holds\n"
-                       "packed_size(n, k) floats.");
+PyDoc_STRVAR(pack_doc, "pack(b, n, k, ldb, out, transposed, threads)\n\nB [n, k] (row stride "
+                       "ldb) into the panels gemm_nt (transposed) or gemm_nn reads; out\n"
+                       "holds packed_size(n, k) floats.");
 
 static PyObject *pack(PyObject *self, PyObject *args) {
     Py_ssize_t b, n, k, ldb, out;
-    int transposed;
+    int transposed, threads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnnnnp", &b, &n, &k, &ldb, &out, &transposed)) return NULL;
+    if (!PyArg_ParseTuple(args, "nnnnnpi", &b, &n, &k, &ldb, &out, &transposed, &threads))
+        return NULL;
     if (!b || !out || n < 0 || k < 0 || ldb < k) {
         PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastgemm.pack");
         return NULL;
     }
-    (transposed ? pack_rows : pack_columns)(n, k, as_pointer(b), ldb, as_pointer(out));
+    Py_BEGIN_ALLOW_THREADS;
+    (transposed ? pack_rows : pack_columns)(n, k, as_pointer(b), ldb, as_pointer(out),
+                                            threads < 1 ? 1 : threads);
+    Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
 }
 

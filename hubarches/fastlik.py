@@ -36,6 +36,7 @@ import torch
 
 from hubarches import native
 from hubarches.errors import warn
+from hubarches.gemm import kernels_available, times, times_transposed
 
 __all__ = [
     "COMPILE_ENV",
@@ -184,6 +185,25 @@ def _plain_bias(*biases: torch.Tensor | None) -> bool:
     )
 
 
+def _stacked_heads(
+    h: torch.Tensor, w_a: torch.Tensor, w_p: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Both heads' weights as one matrix ``[2G, H]`` where hubarches' kernels run, else None.
+
+    One product each way instead of two, at ~2.4× MKL's rate on AMD; None: torch, head by head.
+    """
+    if not kernels_available() or h.dim() != 2:
+        return None
+    weights = [w_a] if w_p is None else [w_a, w_p]
+    if any(w.device.type != "cpu" or w.dtype != torch.float32 for w in (h, *weights)):
+        return None
+    if any(w.dim() != 2 or w.shape[1] != h.shape[1] for w in weights):
+        return None
+    return (
+        torch.cat([w.detach() for w in weights]) if w_p is not None else w_a.detach().contiguous()
+    )
+
+
 class HeadsCountNLL(torch.autograd.Function):
     """The decoder's gene-wide heads and the likelihood as one autograd node.
 
@@ -212,9 +232,26 @@ class HeadsCountNLL(torch.autograd.Function):
         theta = None if log_theta is None else torch.exp(log_theta)
         # The C core adds the biases itself: products without them spare two broadcasts of
         # cells × genes arrays a step.
-        a = torch.mm(h, w_a.t())
-        p = None if w_p is None or b_p is None else torch.mm(h, w_p.t())
+        with_p = w_p is not None and b_p is not None
+        stacked = _stacked_heads(h, w_a, w_p if with_p else None)
+        grads = None
+        if stacked is None:
+            a = torch.mm(h, w_a.t())
+            p = torch.mm(h, w_p.t()) if with_p else None
+        else:  # both heads as one product, on hubarches' kernels
+            n_genes = w_a.shape[0]
+            heads = times_transposed(h, stacked, h.new_empty(h.shape[0], stacked.shape[0]))
+            a, p = heads[:, :n_genes], heads[:, n_genes:] if with_p else None
+            grads = torch.empty_like(heads)
         if native.supports(a, p, x, log_library, theta, log_theta) and _plain_bias(b_a, b_p):
+            out = None
+            if grads is not None:
+                n_genes = a.shape[1]
+                out = (
+                    h.new_empty(h.shape[0]),
+                    grads[:, :n_genes],
+                    grads[:, n_genes:] if with_p else None,
+                )
             nll, grad_a, grad_p, grad_lt = native.native_core(
                 a,
                 p,
@@ -226,6 +263,7 @@ class HeadsCountNLL(torch.autograd.Function):
                 want_theta=want_theta,
                 bias_a=b_a,
                 bias_p=b_p,
+                out=out,
             )
         else:
             a = a.add_(b_a)
@@ -235,6 +273,10 @@ class HeadsCountNLL(torch.autograd.Function):
             )
         ctx.save_for_backward(h, w_a, w_p, grad_a, grad_p, grad_lt)
         ctx.theta_per_gene = log_theta is not None and log_theta.dim() == 1
+        # The kernels' product back to h reads both heads' gradients from the one buffer the
+        # core wrote (the C core's case); elsewhere backward multiplies head by head.
+        same = grads is not None and grad_a.data_ptr() == grads.data_ptr()
+        ctx.stacked, ctx.grads = (stacked, grads) if same else (None, None)
         return nll
 
     @staticmethod
@@ -247,9 +289,12 @@ class HeadsCountNLL(torch.autograd.Function):
         scale = grad_nll.unsqueeze(1)
         out: list[torch.Tensor | None] = [None] * 9
         if need[0]:
-            g_h = grad_a @ w_a
-            if grad_p is not None:
-                g_h = torch.addmm(g_h, grad_p, w_p)
+            if ctx.stacked is not None:
+                g_h = times(ctx.grads, ctx.stacked, h.new_empty(h.shape))
+            else:
+                g_h = grad_a @ w_a
+                if grad_p is not None:
+                    g_h = torch.addmm(g_h, grad_p, w_p)
             out[0] = g_h * scale
         if need[1] or need[3]:
             h_scaled = h * scale

@@ -16,6 +16,7 @@ order, so a run repeats bitwise whatever the thread count.
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -24,7 +25,14 @@ try:
 except ImportError:  # built without a C compiler: torch.mm does the products
     _fastgemm = None
 
-__all__ = ["GEMM_ENV", "FrozenProduct", "kernels_available", "kernels_supported"]
+__all__ = [
+    "GEMM_ENV",
+    "FrozenProduct",
+    "kernels_available",
+    "kernels_supported",
+    "times",
+    "times_transposed",
+]
 
 GEMM_ENV = "HUBARCHES_GEMM"
 """``torch``: :class:`FrozenProduct` always uses ``torch.mm``; ``kernels``: the kernels
@@ -82,7 +90,10 @@ class FrozenProduct:
             size = _fastgemm.packed_size(self.n, self.k)
             self._rows, self._columns = torch.empty(size), torch.empty(size)
             for packed, transposed in ((self._rows, True), (self._columns, False)):
-                _fastgemm.pack(w.data_ptr(), self.n, self.k, self.k, packed.data_ptr(), transposed)
+                _fastgemm.pack(
+                    w.data_ptr(), self.n, self.k, self.k, packed.data_ptr(), transposed,
+                    torch.get_num_threads(),
+                )  # fmt: skip
 
     def forward(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out [m, n] = h [m, k] Wᵀ``; returns ``out``."""
@@ -113,3 +124,70 @@ class FrozenProduct:
     def _kernel_ready(self, m: int) -> bool:
         """Kernels on and every dimension non-zero (empty products go to torch)."""
         return self.uses_kernels and m > 0 and self.n > 0 and self.k > 0
+
+
+_scratch = threading.local()
+
+
+def _packing_buffer(size: int) -> torch.Tensor:
+    """A per-thread buffer for packing a matrix that changes, kept between calls.
+
+    A fresh 2 MB allocation every step could cost page faults that took longer than the product.
+    """
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = torch.empty(size)
+        _scratch.buffer = buffer
+    return buffer
+
+
+def _kernels_take(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, shapes: tuple) -> bool:
+    a_shape, w_shape, out_shape = shapes
+    return (
+        kernels_available()
+        and 0 not in (*a_shape, *w_shape)
+        and _plain(a, a_shape)
+        and _plain(w, w_shape)
+        and w.stride(0) == w_shape[1]
+        and _plain(out, out_shape)
+    )
+
+
+def times_transposed(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out [m, n] = h [m, k] wᵀ`` for a matrix ``w [n, k]`` that may change between calls.
+
+    ``w`` is packed anew each call, into a per-thread buffer; ``torch.mm`` where the kernels
+    do not run.
+    """
+    m, n, k = h.shape[0], w.shape[0], w.shape[1]
+    if not (
+        h.dim() == 2 and h.shape[1] == k and _kernels_take(h, w, out, ((m, k), (n, k), (m, n)))
+    ):
+        return torch.mm(h, w.t(), out=out)
+    assert _fastgemm is not None
+    threads = torch.get_num_threads()
+    packed = _packing_buffer(_fastgemm.packed_size(n, k))
+    _fastgemm.pack(w.data_ptr(), n, k, k, packed.data_ptr(), True, threads)
+    _fastgemm.gemm_nt(
+        m, n, k, h.data_ptr(), h.stride(0), packed.data_ptr(), out.data_ptr(), out.stride(0),
+        threads,
+    )  # fmt: skip
+    return out
+
+
+def times(g: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out [m, k] = g [m, n] w`` for a matrix ``w [n, k]`` that may change between calls."""
+    m, n, k = g.shape[0], w.shape[0], w.shape[1]
+    if not (
+        g.dim() == 2 and g.shape[1] == n and _kernels_take(g, w, out, ((m, n), (n, k), (m, k)))
+    ):
+        return torch.mm(g, w, out=out)
+    assert _fastgemm is not None
+    threads = torch.get_num_threads()
+    packed = _packing_buffer(_fastgemm.packed_size(n, k))
+    _fastgemm.pack(w.data_ptr(), n, k, k, packed.data_ptr(), False, threads)
+    _fastgemm.gemm_nn(
+        m, n, k, g.data_ptr(), g.stride(0), packed.data_ptr(), out.data_ptr(), out.stride(0),
+        threads,
+    )  # fmt: skip
+    return out

@@ -127,3 +127,21 @@ def test_inputs_of_other_layouts_go_to_torch() -> None:
 def test_a_non_matrix_is_refused() -> None:
     with pytest.raises(ValueError, match="matrix"):
         gemm.FrozenProduct(torch.randn(3))
+
+
+@pytest.mark.parametrize("use_kernels", ["auto", "torch"])
+def test_products_with_a_changing_matrix_see_every_change(
+    use_kernels: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """times / times_transposed pack their matrix anew each call (training's heads)."""
+    monkeypatch.setenv(gemm.GEMM_ENV, use_kernels)
+    w, h, g = _data(37, 300, 50, seed=5)
+    for _ in range(2):
+        _close(gemm.times_transposed(h, w, torch.empty(37, 300)), h.double() @ w.double().t())
+        _close(gemm.times(g, w, torch.empty(37, 50)), g.double() @ w.double())
+        w.mul_(-1.5)  # an optimizer step between calls
+    small = torch.randn(3, 50)  # a smaller matrix after a larger one reuses the buffer
+    _close(
+        gemm.times(torch.ones(2, 3), small, torch.empty(2, 50)),
+        torch.ones(2, 3).double() @ small.double(),
+    )
