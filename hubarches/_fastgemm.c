@@ -277,48 +277,45 @@ static PyObject *pack(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Parse (m, n, k, a, lda, packed, c, ldc, threads) and run one product; ``transposed``:
+ * gemm_nt (C [m, n] = A [m, k] B^T), else gemm_nn (C [m, k] = A [m, n] B). */
+static PyObject *run_product(PyObject *args, int transposed, const char *name) {
+    Py_ssize_t m, n, k, a, lda, packed, c, ldc;
+    int threads;
+    if (!PyArg_ParseTuple(args, "nnnnnnnni", &m, &n, &k, &a, &lda, &packed, &c, &ldc, &threads))
+        return NULL;
+    const Py_ssize_t a_cols = transposed ? k : n, c_cols = transposed ? n : k;
+    if (!cpu_ok() || !a || !packed || !c || m < 0 || n < 0 || k < 0 || lda < a_cols ||
+        ldc < c_cols) {
+        PyErr_Format(PyExc_ValueError, "inconsistent arguments to _fastgemm.%s", name);
+        return NULL;
+    }
+#if HA_X86
+    threads = threads < 1 ? 1 : threads;
+    Py_BEGIN_ALLOW_THREADS;
+    if (transposed)
+        run_nt(m, n, k, as_pointer(a), lda, as_pointer(packed), as_pointer(c), ldc, threads);
+    else
+        run_nn(m, n, k, as_pointer(a), lda, as_pointer(packed), as_pointer(c), ldc, threads);
+    Py_END_ALLOW_THREADS;
+#endif
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(gemm_nt_doc, "gemm_nt(m, n, k, a, lda, packed, c, ldc, threads)\n\n"
                           "C [m, n] = A [m, k] B^T with B packed by pack(transposed=True).");
 
 static PyObject *gemm_nt(PyObject *self, PyObject *args) {
-    Py_ssize_t m, n, k, a, lda, packed, c, ldc;
-    int threads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnnnnnnni", &m, &n, &k, &a, &lda, &packed, &c, &ldc, &threads))
-        return NULL;
-    if (!cpu_ok() || !a || !packed || !c || m < 0 || n < 0 || k < 0 || lda < k || ldc < n) {
-        PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastgemm.gemm_nt");
-        return NULL;
-    }
-#if HA_X86
-    Py_BEGIN_ALLOW_THREADS;
-    run_nt(m, n, k, as_pointer(a), lda, as_pointer(packed), as_pointer(c), ldc,
-           threads < 1 ? 1 : threads);
-    Py_END_ALLOW_THREADS;
-#endif
-    Py_RETURN_NONE;
+    return run_product(args, 1, "gemm_nt");
 }
 
 PyDoc_STRVAR(gemm_nn_doc, "gemm_nn(m, n, k, a, lda, packed, c, ldc, threads)\n\n"
                           "C [m, k] = A [m, n] B with B [n, k] packed by pack(transposed=False).");
 
 static PyObject *gemm_nn(PyObject *self, PyObject *args) {
-    Py_ssize_t m, n, k, a, lda, packed, c, ldc;
-    int threads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnnnnnnni", &m, &n, &k, &a, &lda, &packed, &c, &ldc, &threads))
-        return NULL;
-    if (!cpu_ok() || !a || !packed || !c || m < 0 || n < 0 || k < 0 || lda < n || ldc < k) {
-        PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastgemm.gemm_nn");
-        return NULL;
-    }
-#if HA_X86
-    Py_BEGIN_ALLOW_THREADS;
-    run_nn(m, n, k, as_pointer(a), lda, as_pointer(packed), as_pointer(c), ldc,
-           threads < 1 ? 1 : threads);
-    Py_END_ALLOW_THREADS;
-#endif
-    Py_RETURN_NONE;
+    return run_product(args, 0, "gemm_nn");
 }
 
 static PyMethodDef methods[] = {

@@ -153,41 +153,45 @@ def _kernels_take(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, shapes: t
     )
 
 
+def _changing(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, transposed: bool) -> bool:
+    """Run ``a wᵀ`` (transposed) or ``a w`` into ``out`` on the kernels; False where they can't.
+
+    ``w`` is packed into this thread's buffer first. False means nothing was done.
+    """
+    n, k = w.shape[0], w.shape[1]
+    m, inner, cols = a.shape[0], (k if transposed else n), (n if transposed else k)
+    if a.dim() != 2 or a.shape[1] != inner:
+        return False
+    if not _kernels_take(a, w, out, ((m, inner), (n, k), (m, cols))):
+        return False
+    assert _fastgemm is not None
+    threads = torch.get_num_threads()
+    packed = _packing_buffer(_fastgemm.packed_size(n, k))
+    _fastgemm.pack(w.data_ptr(), n, k, k, packed.data_ptr(), transposed, threads)
+    run = _fastgemm.gemm_nt if transposed else _fastgemm.gemm_nn
+    run(
+        m,
+        n,
+        k,
+        a.data_ptr(),
+        a.stride(0),
+        packed.data_ptr(),
+        out.data_ptr(),
+        out.stride(0),
+        threads,
+    )
+    return True
+
+
 def times_transposed(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out [m, n] = h [m, k] wᵀ`` for a matrix ``w [n, k]`` that may change between calls.
 
     ``w`` is packed anew each call, into a per-thread buffer; ``torch.mm`` where the kernels
     do not run.
     """
-    m, n, k = h.shape[0], w.shape[0], w.shape[1]
-    if not (
-        h.dim() == 2 and h.shape[1] == k and _kernels_take(h, w, out, ((m, k), (n, k), (m, n)))
-    ):
-        return torch.mm(h, w.t(), out=out)
-    assert _fastgemm is not None
-    threads = torch.get_num_threads()
-    packed = _packing_buffer(_fastgemm.packed_size(n, k))
-    _fastgemm.pack(w.data_ptr(), n, k, k, packed.data_ptr(), True, threads)
-    _fastgemm.gemm_nt(
-        m, n, k, h.data_ptr(), h.stride(0), packed.data_ptr(), out.data_ptr(), out.stride(0),
-        threads,
-    )  # fmt: skip
-    return out
+    return out if _changing(h, w, out, True) else torch.mm(h, w.t(), out=out)
 
 
 def times(g: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out [m, k] = g [m, n] w`` for a matrix ``w [n, k]`` that may change between calls."""
-    m, n, k = g.shape[0], w.shape[0], w.shape[1]
-    if not (
-        g.dim() == 2 and g.shape[1] == n and _kernels_take(g, w, out, ((m, n), (n, k), (m, k)))
-    ):
-        return torch.mm(g, w, out=out)
-    assert _fastgemm is not None
-    threads = torch.get_num_threads()
-    packed = _packing_buffer(_fastgemm.packed_size(n, k))
-    _fastgemm.pack(w.data_ptr(), n, k, k, packed.data_ptr(), False, threads)
-    _fastgemm.gemm_nn(
-        m, n, k, g.data_ptr(), g.stride(0), packed.data_ptr(), out.data_ptr(), out.stride(0),
-        threads,
-    )  # fmt: skip
-    return out
+    return out if _changing(g, w, out, False) else torch.mm(g, w, out=out)
