@@ -39,16 +39,18 @@ static void *as_pointer(Py_ssize_t address) { return (void *)(uintptr_t)address;
 #define HA_INLINE static inline __attribute__((always_inline))
 
 /* Rows [0, mr) x columns [0, NR) of C = A Bp, where Bp is one packed panel [k, NR]
- * (zero-padded past the matrix' last column) and A is [mr, k] with row stride lda. Columns
- * at or past ``cols`` are not stored. */
-HA_INLINE HA_AVX512 void tile_nt(int mr, Py_ssize_t k, const float *a, Py_ssize_t lda,
-                                 const float *bp, float *c, Py_ssize_t ldc, int cols) {
+ * (zero-padded past the matrix' last column) and A [mr, k] holds A[r, kk] at a[r * sr +
+ * kk * sk] (sk = 1: rows of A; sr = 1: A is another matrix's transpose). Columns at or past
+ * ``cols`` are not stored. */
+HA_INLINE HA_AVX512 void tile_nt(int mr, Py_ssize_t k, const float *a, Py_ssize_t sr,
+                                 Py_ssize_t sk, const float *bp, float *c, Py_ssize_t ldc,
+                                 int cols) {
     __m512 acc[MR][2];
     for (int r = 0; r < mr; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (Py_ssize_t kk = 0; kk < k; kk++) {
         const __m512 b0 = _mm512_loadu_ps(bp + kk * NR), b1 = _mm512_loadu_ps(bp + kk * NR + 16);
         for (int r = 0; r < mr; r++) {
-            const __m512 x = _mm512_set1_ps(a[r * lda + kk]);
+            const __m512 x = _mm512_set1_ps(a[r * sr + kk * sk]);
             acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
             acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
         }
@@ -98,7 +100,11 @@ HA_INLINE HA_AVX512 void tile_nn(int mr, Py_ssize_t n0, Py_ssize_t n1, const flo
 #define HA_NT(R)                                                                              \
     static HA_AVX512 void nt_##R(Py_ssize_t k, const float *a, Py_ssize_t lda, const float *bp, \
                                  float *c, Py_ssize_t ldc, int cols) {                         \
-        tile_nt(R, k, a, lda, bp, c, ldc, cols);                                               \
+        tile_nt(R, k, a, lda, 1, bp, c, ldc, cols);                                            \
+    }                                                                                         \
+    static HA_AVX512 void tn_##R(Py_ssize_t k, const float *a, Py_ssize_t lda, const float *bp, \
+                                 float *c, Py_ssize_t ldc, int cols) {                         \
+        tile_nt(R, k, a, 1, lda, bp, c, ldc, cols);                                            \
     }
 HA_CASES(HA_NT)
 #define HA_NN(R)                                                                              \
@@ -113,8 +119,10 @@ typedef void (*nt_fn)(Py_ssize_t, const float *, Py_ssize_t, const float *, floa
 typedef void (*nn_fn)(Py_ssize_t, Py_ssize_t, const float *, Py_ssize_t, const float *,
                       float *, Py_ssize_t, int, int);
 #define HA_REF_NT(R) nt_##R,
+#define HA_REF_TN(R) tn_##R,
 #define HA_REF_NN(R) nn_##R,
 static const nt_fn NT[MR] = {HA_CASES(HA_REF_NT)};
+static const nt_fn TN[MR] = {HA_CASES(HA_REF_TN)};
 static const nn_fn NN[MR] = {HA_CASES(HA_REF_NN)};
 
 static int cpu_ok(void) {
@@ -184,6 +192,33 @@ static void run_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_
                     NN[rows - 1](n0, n1, a + i0 * lda, lda, packed + p * NR * n,
                                  c + i0 * ldc + j0, ldc, (int)cols, n0 > 0);
                 }
+            }
+        }
+    }
+}
+/* C [n, k] = A^T B for A [m, n] (row stride lda) and B [m, k] packed by pack_columns():
+ * a weight gradient. Each thread its rows of C (columns of A), a block of 12 of them read
+ * once from A and kept in L1 across the panels. */
+static void run_tn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_ssize_t lda,
+                   const float *packed, float *c, Py_ssize_t ldc, int threads) {
+    const Py_ssize_t panels = (k + NR - 1) / NR;
+    if (m == 0) {
+        for (Py_ssize_t j = 0; j < n; j++) memset(c + j * ldc, 0, (size_t)k * sizeof(float));
+        return;
+    }
+    if (threads > n) threads = n > 0 ? (int)n : 1;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        Py_ssize_t lo = 0, hi = n;
+#ifdef _OPENMP
+        thread_rows(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+#endif
+        for (Py_ssize_t j0 = lo; j0 < hi; j0 += MR) {
+            const Py_ssize_t rows = hi - j0 < MR ? hi - j0 : MR;
+            for (Py_ssize_t p = 0; p < panels; p++) {
+                const Py_ssize_t c0 = p * NR, cols = k - c0 < NR ? k - c0 : NR;
+                TN[rows - 1](m, a + j0, lda, packed + p * NR * m, c + j0 * ldc + c0, ldc,
+                             (int)cols);
             }
         }
     }
@@ -277,14 +312,16 @@ static PyObject *pack(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* Parse (m, n, k, a, lda, packed, c, ldc, threads) and run one product; ``transposed``:
- * gemm_nt (C [m, n] = A [m, k] B^T), else gemm_nn (C [m, k] = A [m, n] B). */
-static PyObject *run_product(PyObject *args, int transposed, const char *name) {
+enum { PRODUCT_NT = 0, PRODUCT_NN = 1, PRODUCT_TN = 2 };
+
+/* Parse (m, n, k, a, lda, packed, c, ldc, threads) and run one product: gemm_nt (C [m, n] =
+ * A [m, k] B^T), gemm_nn (C [m, k] = A [m, n] B) or gemm_tn (C [n, k] = A^T B, A [m, n]). */
+static PyObject *run_product(PyObject *args, int kind, const char *name) {
     Py_ssize_t m, n, k, a, lda, packed, c, ldc;
     int threads;
     if (!PyArg_ParseTuple(args, "nnnnnnnni", &m, &n, &k, &a, &lda, &packed, &c, &ldc, &threads))
         return NULL;
-    const Py_ssize_t a_cols = transposed ? k : n, c_cols = transposed ? n : k;
+    const Py_ssize_t a_cols = kind == PRODUCT_NT ? k : n, c_cols = kind == PRODUCT_NT ? n : k;
     if (!cpu_ok() || !a || !packed || !c || m < 0 || n < 0 || k < 0 || lda < a_cols ||
         ldc < c_cols) {
         PyErr_Format(PyExc_ValueError, "inconsistent arguments to _fastgemm.%s", name);
@@ -293,10 +330,12 @@ static PyObject *run_product(PyObject *args, int transposed, const char *name) {
 #if HA_X86
     threads = threads < 1 ? 1 : threads;
     Py_BEGIN_ALLOW_THREADS;
-    if (transposed)
+    if (kind == PRODUCT_NT)
         run_nt(m, n, k, as_pointer(a), lda, as_pointer(packed), as_pointer(c), ldc, threads);
-    else
+    else if (kind == PRODUCT_NN)
         run_nn(m, n, k, as_pointer(a), lda, as_pointer(packed), as_pointer(c), ldc, threads);
+    else
+        run_tn(m, n, k, as_pointer(a), lda, as_pointer(packed), as_pointer(c), ldc, threads);
     Py_END_ALLOW_THREADS;
 #endif
     Py_RETURN_NONE;
@@ -307,7 +346,7 @@ PyDoc_STRVAR(gemm_nt_doc, "gemm_nt(m, n, k, a, lda, packed, c, ldc, threads)\n\n
 
 static PyObject *gemm_nt(PyObject *self, PyObject *args) {
     (void)self;
-    return run_product(args, 1, "gemm_nt");
+    return run_product(args, PRODUCT_NT, "gemm_nt");
 }
 
 PyDoc_STRVAR(gemm_nn_doc, "gemm_nn(m, n, k, a, lda, packed, c, ldc, threads)\n\n"
@@ -315,7 +354,16 @@ PyDoc_STRVAR(gemm_nn_doc, "gemm_nn(m, n, k, a, lda, packed, c, ldc, threads)\n\n
 
 static PyObject *gemm_nn(PyObject *self, PyObject *args) {
     (void)self;
-    return run_product(args, 0, "gemm_nn");
+    return run_product(args, PRODUCT_NN, "gemm_nn");
+}
+
+PyDoc_STRVAR(gemm_tn_doc, "gemm_tn(m, n, k, a, lda, packed, c, ldc, threads)\n\n"
+                          "C [n, k] = A^T B for A [m, n], with B [m, k] packed by "
+                          "pack(transposed=False).");
+
+static PyObject *gemm_tn(PyObject *self, PyObject *args) {
+    (void)self;
+    return run_product(args, PRODUCT_TN, "gemm_tn");
 }
 
 static PyMethodDef methods[] = {
@@ -325,6 +373,7 @@ static PyMethodDef methods[] = {
     {"pack", pack, METH_VARARGS, pack_doc},
     {"gemm_nt", gemm_nt, METH_VARARGS, gemm_nt_doc},
     {"gemm_nn", gemm_nn, METH_VARARGS, gemm_nn_doc},
+    {"gemm_tn", gemm_tn, METH_VARARGS, gemm_tn_doc},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastgemm",

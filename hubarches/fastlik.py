@@ -36,7 +36,7 @@ import torch
 
 from hubarches import native
 from hubarches.errors import warn
-from hubarches.gemm import kernels_available, times, times_transposed
+from hubarches.gemm import kernels_available, times, times_transposed, transposed_times
 
 __all__ = [
     "COMPILE_ENV",
@@ -298,10 +298,16 @@ class HeadsCountNLL(torch.autograd.Function):
             out[0] = g_h * scale
         if need[1] or need[3]:
             h_scaled = h * scale
-            if need[1]:
-                out[1] = grad_a.t() @ h_scaled
-            if need[3] and grad_p is not None:
-                out[3] = grad_p.t() @ h_scaled
+            if ctx.stacked is not None:  # both heads' weight gradients as one product
+                both = transposed_times(ctx.grads, h_scaled, h.new_empty(ctx.stacked.shape))
+                n_genes = grad_a.shape[1]
+                out[1] = both[:n_genes] if need[1] else None
+                out[3] = both[n_genes:] if need[3] and grad_p is not None else None
+            else:
+                if need[1]:
+                    out[1] = grad_a.t() @ h_scaled
+                if need[3] and grad_p is not None:
+                    out[3] = grad_p.t() @ h_scaled
         if need[2]:
             out[2] = grad_a.t() @ grad_nll
         if need[4] and grad_p is not None:

@@ -32,6 +32,7 @@ __all__ = [
     "kernels_supported",
     "times",
     "times_transposed",
+    "transposed_times",
 ]
 
 GEMM_ENV = "HUBARCHES_GEMM"
@@ -195,3 +196,25 @@ def times_transposed(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> tor
 def times(g: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out [m, k] = g [m, n] w`` for a matrix ``w [n, k]`` that may change between calls."""
     return out if _changing(g, w, out, False) else torch.mm(g, w, out=out)
+
+
+def transposed_times(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out [n, k] = a [m, n]ᵀ b [m, k]``: a weight gradient, on the kernels where they run.
+
+    ``b`` is packed into this thread's buffer; ``torch.mm`` elsewhere.
+    """
+    m, n = a.shape[0], a.shape[-1]
+    k = b.shape[-1]
+    if a.dim() != 2 or b.dim() != 2 or b.shape[0] != m:
+        return torch.mm(a.t(), b, out=out)
+    if not _kernels_take(a, b, out, ((m, n), (m, k), (n, k))):
+        return torch.mm(a.t(), b, out=out)
+    assert _fastgemm is not None
+    threads = torch.get_num_threads()
+    packed = _packing_buffer(_fastgemm.packed_size(m, k))
+    _fastgemm.pack(b.data_ptr(), m, k, k, packed.data_ptr(), False, threads)
+    _fastgemm.gemm_tn(
+        m, n, k, a.data_ptr(), a.stride(0), packed.data_ptr(), out.data_ptr(), out.stride(0),
+        threads,
+    )  # fmt: skip
+    return out

@@ -145,3 +145,20 @@ def test_products_with_a_changing_matrix_see_every_change(
         gemm.times(torch.ones(2, 3), small, torch.empty(2, 50)),
         torch.ones(2, 3).double() @ small.double(),
     )
+
+
+@pytest.mark.parametrize("use_kernels", ["auto", "torch"])
+@pytest.mark.parametrize(("m", "n", "k"), [(128, 4000, 128), (13, 37, 45), (1, 1, 1), (0, 5, 3)])
+def test_weight_gradient_products_equal_float64_ones(
+    use_kernels: str, m: int, n: int, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(gemm.GEMM_ENV, use_kernels)
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(m, n, generator=g), torch.randn(m, k, generator=g)
+    got = gemm.transposed_times(a, b, torch.full((n, k), float("nan")))
+    _close(got, a.double().t() @ b.double())
+    wide = torch.zeros(m, n + 9)  # a column block of a wider matrix, as the heads' gradients
+    wide[:, 4 : 4 + n] = a
+    _close(
+        gemm.transposed_times(wide[:, 4 : 4 + n], b, torch.empty(n, k)), a.double().t() @ b.double()
+    )
