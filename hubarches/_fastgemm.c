@@ -144,6 +144,11 @@ static void thread_rows(Py_ssize_t m, int t, int T, Py_ssize_t *lo, Py_ssize_t *
     *hi = *lo + size + (t < extra ? 1 : 0);
 }
 
+/* C = 0 for C [rows, cols] with row stride ldc: a product over an empty dimension. */
+static void zero_rows(float *c, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t ldc) {
+    for (Py_ssize_t i = 0; i < rows; i++) memset(c + i * ldc, 0, (size_t)cols * sizeof(float));
+}
+
 /* C [m, n] = A [m, k] B^T, B packed by pack_rows(): each thread its rows, panel by panel
  * (a panel stays in L1 across the thread's row tiles). */
 static void run_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_ssize_t lda,
@@ -172,8 +177,8 @@ static void run_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_
 static void run_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_ssize_t lda,
                    const float *packed, float *c, Py_ssize_t ldc, int threads) {
     const Py_ssize_t panels = (k + NR - 1) / NR;
-    if (n == 0) {
-        for (Py_ssize_t i = 0; i < m; i++) memset(c + i * ldc, 0, (size_t)k * sizeof(float));
+    if (n == 0) { /* an empty sum */
+        zero_rows(c, m, k, ldc);
         return;
     }
     if (threads > m) threads = m > 0 ? (int)m : 1;
@@ -203,7 +208,7 @@ static void run_tn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_
                    const float *packed, float *c, Py_ssize_t ldc, int threads) {
     const Py_ssize_t panels = (k + NR - 1) / NR;
     if (m == 0) {
-        for (Py_ssize_t j = 0; j < n; j++) memset(c + j * ldc, 0, (size_t)k * sizeof(float));
+        zero_rows(c, n, k, ldc);
         return;
     }
     if (threads > n) threads = n > 0 ? (int)n : 1;

@@ -246,7 +246,6 @@ class HeadsCountNLL(torch.autograd.Function):
         if native.supports(a, p, x, log_library, theta, log_theta) and _plain_bias(b_a, b_p):
             out = None
             if grads is not None:
-                n_genes = a.shape[1]
                 out = (
                     h.new_empty(h.shape[0]),
                     grads[:, :n_genes],
@@ -300,7 +299,7 @@ class HeadsCountNLL(torch.autograd.Function):
             h_scaled = h * scale
             if ctx.stacked is not None:  # both heads' weight gradients as one product
                 both = transposed_times(ctx.grads, h_scaled, h.new_empty(ctx.stacked.shape))
-                n_genes = grad_a.shape[1]
+                n_genes = w_a.shape[0]
                 out[1] = both[:n_genes] if need[1] else None
                 out[3] = both[n_genes:] if need[3] and grad_p is not None else None
             else:

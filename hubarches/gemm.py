@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -69,6 +70,23 @@ def _plain(t: torch.Tensor, shape: tuple[int, int]) -> bool:
     )
 
 
+def _call(
+    run: Callable[..., None],
+    m: int,
+    n: int,
+    k: int,
+    a: torch.Tensor,
+    packed: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """One kernel call (``gemm_nt``, ``gemm_nn`` or ``gemm_tn``) on torch's thread count."""
+    run(
+        m, n, k, a.data_ptr(), a.stride(0), packed.data_ptr(), out.data_ptr(), out.stride(0),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
 class FrozenProduct:
     """``H Wᵀ`` and ``G W`` for one matrix ``W [n, k]`` that does not change.
 
@@ -103,11 +121,7 @@ class FrozenProduct:
             return torch.mm(h, self.weight.t(), out=out)
         assert _fastgemm is not None
         assert self._rows is not None
-        _fastgemm.gemm_nt(
-            m, self.n, self.k, h.data_ptr(), h.stride(0), self._rows.data_ptr(),
-            out.data_ptr(), out.stride(0), torch.get_num_threads(),
-        )  # fmt: skip
-        return out
+        return _call(_fastgemm.gemm_nt, m, self.n, self.k, h, self._rows, out)
 
     def backward(self, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out [m, k] = g [m, n] W``; returns ``out``."""
@@ -116,11 +130,7 @@ class FrozenProduct:
             return torch.mm(g, self.weight, out=out)
         assert _fastgemm is not None
         assert self._columns is not None
-        _fastgemm.gemm_nn(
-            m, self.n, self.k, g.data_ptr(), g.stride(0), self._columns.data_ptr(),
-            out.data_ptr(), out.stride(0), torch.get_num_threads(),
-        )  # fmt: skip
-        return out
+        return _call(_fastgemm.gemm_nn, m, self.n, self.k, g, self._columns, out)
 
     def _kernel_ready(self, m: int) -> bool:
         """Kernels on and every dimension non-zero (empty products go to torch)."""
@@ -154,6 +164,17 @@ def _kernels_take(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, shapes: t
     )
 
 
+def _packed(matrix: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``matrix`` packed for ``gemm_nt`` (transposed) or ``gemm_nn``/``gemm_tn``, per thread."""
+    assert _fastgemm is not None
+    rows, cols = matrix.shape[0], matrix.shape[1]
+    packed = _packing_buffer(_fastgemm.packed_size(rows, cols))
+    _fastgemm.pack(
+        matrix.data_ptr(), rows, cols, cols, packed.data_ptr(), transposed, torch.get_num_threads()
+    )
+    return packed
+
+
 def _changing(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, transposed: bool) -> bool:
     """Run ``a wᵀ`` (transposed) or ``a w`` into ``out`` on the kernels; False where they can't.
 
@@ -166,21 +187,8 @@ def _changing(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, transposed: b
     if not _kernels_take(a, w, out, ((m, inner), (n, k), (m, cols))):
         return False
     assert _fastgemm is not None
-    threads = torch.get_num_threads()
-    packed = _packing_buffer(_fastgemm.packed_size(n, k))
-    _fastgemm.pack(w.data_ptr(), n, k, k, packed.data_ptr(), transposed, threads)
     run = _fastgemm.gemm_nt if transposed else _fastgemm.gemm_nn
-    run(
-        m,
-        n,
-        k,
-        a.data_ptr(),
-        a.stride(0),
-        packed.data_ptr(),
-        out.data_ptr(),
-        out.stride(0),
-        threads,
-    )
+    _call(run, m, n, k, a, _packed(w, transposed), out)
     return True
 
 
@@ -210,11 +218,4 @@ def transposed_times(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> tor
     if not _kernels_take(a, b, out, ((m, n), (m, k), (n, k))):
         return torch.mm(a.t(), b, out=out)
     assert _fastgemm is not None
-    threads = torch.get_num_threads()
-    packed = _packing_buffer(_fastgemm.packed_size(m, k))
-    _fastgemm.pack(b.data_ptr(), m, k, k, packed.data_ptr(), False, threads)
-    _fastgemm.gemm_tn(
-        m, n, k, a.data_ptr(), a.stride(0), packed.data_ptr(), out.data_ptr(), out.stride(0),
-        threads,
-    )  # fmt: skip
-    return out
+    return _call(_fastgemm.gemm_tn, m, n, k, a, _packed(b, False), out)
