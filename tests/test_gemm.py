@@ -97,13 +97,44 @@ def test_the_environment_switch_turns_the_kernels_off(monkeypatch: pytest.Monkey
 def test_the_default_follows_the_vendor_and_the_switch_forces_the_kernels(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Auto: the kernels except on Intel's processors, where MKL runs AVX-512 itself."""
+    """Auto: frozen matrices on the kernels everywhere; changing ones except on Intel's."""
     assert gemm._fastgemm is not None
     monkeypatch.delenv(gemm.GEMM_ENV, raising=False)
+    assert gemm.kernels_available(frozen=True)
+    assert gemm.FrozenProduct(torch.randn(8, 4)).uses_kernels
     assert gemm.kernels_available() is not bool(gemm._fastgemm.intel())
     monkeypatch.setenv(gemm.GEMM_ENV, "kernels")
     assert gemm.kernels_available()
+    assert gemm.kernels_available(frozen=True)
     assert gemm.FrozenProduct(torch.randn(8, 4)).uses_kernels
+
+
+@kernels
+def test_changing_products_follow_the_vendor_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """times() packs and runs the kernels exactly where kernels_available() says so."""
+    assert gemm._fastgemm is not None
+    calls: list[int] = []
+    real_pack = gemm._fastgemm.pack
+
+    class Counting:
+        """_fastgemm with pack() counted."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real_pack.__self__, name) if name != "pack" else self.pack
+
+        @staticmethod
+        def pack(*args: object) -> None:
+            calls.append(1)
+            real_pack(*args)
+
+    monkeypatch.setattr(gemm, "_fastgemm", Counting())
+    g, w = torch.randn(6, 40), torch.randn(40, 16)
+    for setting, expected in (("auto", not real_pack.__self__.intel()), ("kernels", True)):
+        monkeypatch.setenv(gemm.GEMM_ENV, setting)
+        calls.clear()
+        out = gemm.times(g, w, torch.empty(6, 16))
+        torch.testing.assert_close(out, g @ w, rtol=1e-5, atol=1e-4)
+        assert bool(calls) is expected, setting
 
 
 def test_other_dtypes_fall_back_to_torch() -> None:
