@@ -282,7 +282,7 @@ class QueryStep:
         self.codes = np.ascontiguousarray(codes.numpy(), dtype=np.int64)
         self.first_expression = first_expression
         self.log_gamma = log_gamma.numpy().astype(np.float64)
-        self.log_library = log_library.numpy()
+        self.log_library = np.ascontiguousarray(log_library.numpy(), dtype=np.float32)
         grads: dict[int, torch.Tensor] = {}
         enc, dec = model.encoder, model.decoder
         self.encoder = [
@@ -325,6 +325,7 @@ class QueryStep:
         self._states: dict[int, tuple[_State, _State, dict[str, torch.Tensor]]] = {}
         self._plans: dict[int, np.ndarray] = {}
         self._views: dict[int, tuple[torch.Tensor, ...]] = {}  # of the heads' buffers
+        self._cores: dict[int, native.PreparedCore] = {}  # the core on those buffers
         self._seed_base: int | None = None
         self._seed_count = 0
 
@@ -348,6 +349,17 @@ class QueryStep:
                 grads[:, g:] if self.zinb else None,
             )
             self._plans[n] = self._plan(n, enc, dec, latent)
+            a, p, grad_a, grad_p = self._views[n]
+            self._cores[n] = native.PreparedCore(
+                a,
+                p,
+                self.theta,
+                self.log_theta,
+                zinb=self.zinb,
+                bias_a=self.b_a,
+                bias_p=self.b_p if self.zinb else None,
+                out=(latent["nll"], grad_a, grad_p),
+            )
         return self._states[n]
 
     def _plan(self, n: int, enc: _State, dec: _State, lat: dict[str, torch.Tensor]) -> np.ndarray:
@@ -428,27 +440,24 @@ class QueryStep:
         from the batch's CSR rows where it has them (no dense copy).
         """
         self.heads_product.forward(h, out["heads"])
-        a, p, grad_a, grad_p = self._views[h.shape[0]]
-        log_library = torch.from_numpy(self.log_library[rows])
         stored = batch.stored
-        csr = None if stored is None else stored.csr
-        if csr is not None and not native.csr_supported(csr):
-            stored = csr = None
-        nll, *_ = native.native_core(
-            a,
-            p,
-            batch.x if stored is None else None,
-            log_library,
-            self.theta,
-            self.log_theta,
-            zinb=self.zinb,
-            want_theta=False,
-            bias_a=self.b_a,
-            bias_p=self.b_p if self.zinb else None,
-            csr=csr,
-            rows=None if stored is None else stored.rows,
-            out=(out["nll"], grad_a, grad_p),
-        )
+        if stored is not None and native.csr_supported(stored.csr):
+            nll = self._cores[h.shape[0]](stored.csr, stored.rows, self.log_library[rows])
+        else:  # dense counts
+            a, p, grad_a, grad_p = self._views[h.shape[0]]
+            nll, *_ = native.native_core(
+                a,
+                p,
+                batch.x,
+                torch.from_numpy(self.log_library[rows]),
+                self.theta,
+                self.log_theta,
+                zinb=self.zinb,
+                want_theta=False,
+                bias_a=self.b_a,
+                bias_p=self.b_p if self.zinb else None,
+                out=(out["nll"], grad_a, grad_p),
+            )
         # Both heads' gradients side by side in one buffer: one product back.
         self.heads_product.backward(out["grad_heads"], out["grad_h"])
         return nll

@@ -23,6 +23,7 @@ import torch
 
 __all__ = [
     "NATIVE_ENV",
+    "PreparedCore",
     "available",
     "csr_supported",
     "dense_log1p",
@@ -117,9 +118,6 @@ def native_core(
     with rows of one common stride (column blocks of one matrix, so that a single product
     takes both heads' gradients).
     """
-    for bias in (bias_a, bias_p):
-        if bias is not None and not (_contiguous(bias) and tuple(bias.shape) == (a.shape[1],)):
-            raise ValueError("a bias must be a contiguous float32 vector with one value per gene")
     csr_args = None
     if x is None:
         if csr is None or not csr_supported(csr) or csr.shape[1] != a.shape[1]:
@@ -130,57 +128,150 @@ def native_core(
             raise ValueError(f"{csr_args[0]} CSR rows for {a.shape[0]} cells of logits")
     assert _fastcore is not None
     n_cells, n_genes = a.shape
+    if out is None:
+        out = (
+            torch.empty(n_cells, dtype=torch.float32),
+            torch.empty(n_cells, n_genes, dtype=torch.float32),
+            torch.empty(n_cells, n_genes, dtype=torch.float32) if zinb else None,
+        )
+    poisson = theta is None or log_theta is None
+    grad_lt = torch.empty(n_cells, n_genes) if want_theta and not poisson else None
+    _fastcore.core(
+        *_core_arguments(
+            a, p, x, log_library, theta, log_theta, zinb=zinb, bias_a=bias_a, bias_p=bias_p,
+            csr_args=csr_args, out=out, grad_lt=grad_lt,
+        )
+    )  # fmt: skip
+    return out[0], out[1], out[2], grad_lt
+
+
+def _address(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+# Where _fastcore.core takes the arguments that change from minibatch to minibatch.
+_LIBRARY_AT, _CSR_AT, _THREADS_AT = 7, 19, 21
+
+
+def _core_arguments(
+    a: torch.Tensor,
+    p: torch.Tensor | None,
+    x: torch.Tensor | None,
+    log_library: torch.Tensor | None,
+    theta: torch.Tensor | None,
+    log_theta: torch.Tensor | None,
+    *,
+    zinb: bool,
+    bias_a: torch.Tensor | None,
+    bias_p: torch.Tensor | None,
+    csr_args: tuple[int, ...] | None,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    grad_lt: torch.Tensor | None,
+) -> tuple:
+    """``_fastcore.core``'s arguments, after checking the biases and the output buffers."""
+    n_cells, n_genes = a.shape
+    for bias in (bias_a, bias_p):
+        if bias is not None and not (_contiguous(bias) and tuple(bias.shape) == (n_genes,)):
+            raise ValueError("a bias must be a contiguous float32 vector with one value per gene")
+    nll, grad_a, grad_p = out
+    if not (
+        _contiguous(nll)
+        and tuple(nll.shape) == (n_cells,)
+        and _rows_dense(grad_a, (n_cells, n_genes))
+        and (grad_p is None) == (not zinb)
+        and (
+            grad_p is None
+            or (_rows_dense(grad_p, (n_cells, n_genes)) and grad_p.stride(0) == grad_a.stride(0))
+        )
+    ):
+        raise ValueError("the output buffers do not fit the logits")
     poisson = theta is None or log_theta is None
     mode = _THETA_NONE if poisson else (_THETA_GENE if theta.dim() == 1 else _THETA_CELL)
-    if out is None:
-        nll = torch.empty(n_cells, dtype=torch.float32)
-        grad_a = torch.empty(n_cells, n_genes, dtype=torch.float32)
-        grad_p = torch.empty_like(grad_a) if zinb else None
-    else:
-        nll, grad_a, grad_p = out
-        if not (
-            _contiguous(nll)
-            and tuple(nll.shape) == (n_cells,)
-            and _rows_dense(grad_a, (n_cells, n_genes))
-            and (grad_p is None) == (not zinb)
-            and (
-                grad_p is None
-                or (
-                    _rows_dense(grad_p, (n_cells, n_genes)) and grad_p.stride(0) == grad_a.stride(0)
-                )
-            )
-        ):
-            raise ValueError("the output buffers do not fit the logits")
-    grad_lt = torch.empty(n_cells, n_genes) if want_theta and not poisson else None
-
-    def address(t: torch.Tensor | None) -> int:
-        return 0 if t is None else t.data_ptr()
-
-    _fastcore.core(
+    return (
         n_cells,
         n_genes,
-        address(a),
+        _address(a),
         a.stride(0),
-        address(p),
+        _address(p),
         0 if p is None else p.stride(0),
-        address(x),
-        address(log_library),
-        address(theta),
-        address(log_theta),
+        _address(x),
+        _address(log_library),
+        _address(theta),
+        _address(log_theta),
         mode,
         int(zinb),
         int(grad_lt is not None),
-        address(nll),
-        address(grad_a),
-        address(grad_p),
-        address(grad_lt),
-        address(bias_a),
-        address(bias_p),
+        _address(nll),
+        _address(grad_a),
+        _address(grad_p),
+        _address(grad_lt),
+        _address(bias_a),
+        _address(bias_p),
         csr_args,
         grad_a.stride(0) if n_cells > 1 else n_genes,
         torch.get_num_threads(),
     )
-    return nll, grad_a, grad_p, grad_lt
+
+
+class PreparedCore:
+    """:func:`native_core` on buffers that stay the same from call to call (query training).
+
+    The logits, the dispersion, the biases and the outputs are checked once, here; each call
+    passes only what changes, a minibatch's CSR rows and library sizes, to the C core. A
+    query step spent ~35 µs (2 %) in :func:`native_core`'s checks and argument building.
+    """
+
+    def __init__(
+        self,
+        a: torch.Tensor,
+        p: torch.Tensor | None,
+        theta: torch.Tensor | None,
+        log_theta: torch.Tensor | None,
+        *,
+        zinb: bool,
+        bias_a: torch.Tensor | None,
+        bias_p: torch.Tensor | None,
+        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    ) -> None:
+        if _fastcore is None or a.dim() != 2 or not _rows_dense(a, (a.shape[0], a.shape[1])):
+            raise ValueError("the C core needs float32 CPU logits with contiguous rows")
+        n_cells, n_genes = a.shape
+        if (zinb and p is None) or (p is not None and not _rows_dense(p, (n_cells, n_genes))):
+            raise ValueError("the dropout logits must match the logits")
+        if theta is not None and log_theta is not None:
+            for t in (theta, log_theta):
+                if not (_contiguous(t) and tuple(t.shape) in ((n_genes,), (n_cells, n_genes))):
+                    raise ValueError("θ must be contiguous float32, per gene or per cell")
+        self.n_cells, self.n_genes = n_cells, n_genes
+        self.nll = out[0]
+        self._keep = (a, p, theta, log_theta, bias_a, bias_p, out)  # the addresses below
+        self._arguments = _core_arguments(
+            a, p, None, None, theta, log_theta, zinb=zinb, bias_a=bias_a, bias_p=bias_p,
+            csr_args=None, out=out, grad_lt=None,
+        )  # fmt: skip
+
+    def __call__(
+        self, csr: sp.csr_matrix, rows: np.ndarray, log_library: np.ndarray
+    ) -> torch.Tensor:
+        """The core on ``rows`` of ``csr`` into the prepared outputs; returns the per-cell NLL."""
+        if not csr_supported(csr) or csr.shape[1] != self.n_genes:
+            raise ValueError("the core needs CSR rows it can read, one column per gene")
+        picked = _checked_rows(csr, rows)
+        if len(picked) != self.n_cells:
+            raise ValueError(f"{len(picked)} CSR rows for {self.n_cells} cells of logits")
+        if not (
+            log_library.dtype == np.float32
+            and log_library.flags.c_contiguous
+            and log_library.shape == (self.n_cells,)
+        ):
+            raise ValueError("log_library must be contiguous float32, one value per cell")
+        assert _fastcore is not None
+        arguments = list(self._arguments)
+        arguments[_LIBRARY_AT] = log_library.ctypes.data
+        arguments[_CSR_AT] = _csr_arguments(csr, picked)
+        arguments[_THREADS_AT] = torch.get_num_threads()
+        _fastcore.core(*arguments)
+        return self.nll
 
 
 _INDEX_TYPES = (np.dtype(np.int32), np.dtype(np.int64))

@@ -146,6 +146,63 @@ def test_core_refuses_csr_rows_it_cannot_trust() -> None:
         native.native_core(a, p, None, log_lib, theta, log_theta, csr=bad, rows=rows, **kwargs)
 
 
+def _prepared(a: torch.Tensor, p: torch.Tensor, theta, log_theta) -> tuple:
+    """A PreparedCore on buffers laid out as query training lays them (both heads side by side)."""
+    n, g = a.shape
+    heads, grads = torch.empty(n, 2 * g), torch.empty(n, 2 * g)
+    heads[:, :g], heads[:, g:] = a, p
+    bias_a, bias_p = torch.linspace(-1, 1, g), torch.linspace(1, -1, g)
+    nll = torch.empty(n)
+    core = native.PreparedCore(
+        heads[:, :g], heads[:, g:], theta, log_theta, zinb=True, bias_a=bias_a, bias_p=bias_p,
+        out=(nll, grads[:, :g], grads[:, g:]),
+    )  # fmt: skip
+    return core, grads, bias_a, bias_p
+
+
+def test_a_prepared_core_equals_native_core_call_after_call() -> None:
+    """Same buffers, new rows and library sizes each call: the same numbers as native_core."""
+    csr = _matrix(np.int32)
+    a, p, _, _, theta, log_theta = _core_inputs(csr, np.arange(6))
+    core, grads, bias_a, bias_p = _prepared(a, p, theta, log_theta)
+    g = csr.shape[1]
+    for rows in (np.array([5, 3, 39, 0, 5, 17]), np.array([1, 2, 3, 4, 6, 7])):
+        log_lib = torch.log(torch.from_numpy(csr[rows].toarray()).sum(1).clamp(min=1.0))
+        nll = core(csr, rows, log_lib.numpy())
+        want = native.native_core(
+            a, p, None, log_lib, theta, log_theta, zinb=True, want_theta=False,
+            bias_a=bias_a, bias_p=bias_p, csr=csr, rows=rows,
+        )  # fmt: skip
+        torch.testing.assert_close(nll, want[0], rtol=0, atol=0)
+        torch.testing.assert_close(grads[:, :g], want[1], rtol=0, atol=0)
+        torch.testing.assert_close(grads[:, g:], want[2], rtol=0, atol=0)
+
+
+def test_a_prepared_core_refuses_what_changed_shape() -> None:
+    csr = _matrix(np.int32)
+    a, p, _, log_lib, theta, log_theta = _core_inputs(csr, np.arange(4))
+    core, *_ = _prepared(a, p, theta, log_theta)
+    lib = log_lib.numpy()
+    with pytest.raises(ValueError, match="5 CSR rows for 4 cells"):
+        core(csr, np.arange(5), np.zeros(5, np.float32))
+    with pytest.raises(IndexError):
+        core(csr, np.array([0, 1, 2, 40]), lib)
+    with pytest.raises(ValueError, match="log_library"):
+        core(csr, np.arange(4), lib.astype(np.float64))
+    with pytest.raises(ValueError, match="one column per gene"):
+        core(csr[:, :-1], np.arange(4), lib)
+    with pytest.raises(ValueError, match="bias"):
+        native.PreparedCore(
+            a, p, theta, log_theta, zinb=True, bias_a=torch.zeros(3), bias_p=None,
+            out=(torch.empty(4), torch.empty_like(a), torch.empty_like(p)),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="dropout logits"):
+        native.PreparedCore(
+            a, None, theta, log_theta, zinb=True, bias_a=None, bias_p=None,
+            out=(torch.empty(4), torch.empty_like(a), torch.empty_like(p)),
+        )  # fmt: skip
+
+
 # --- the log-gamma terms on CSR rows ------------------------------------------------------
 
 
