@@ -23,6 +23,14 @@
 #include <stdint.h>
 #include <string.h>
 
+/* glibc's vector expf and logf (see _fastcore.c: declared here rather than by -ffast-math). */
+#if defined(__GLIBC__) && defined(__x86_64__) && defined(__GNUC__)
+#if __GLIBC_PREREQ(2, 35)
+extern float expf(float) __attribute__((simd("notinbranch")));
+extern float logf(float) __attribute__((simd("notinbranch")));
+#endif
+#endif
+
 enum { NORM_NONE = 0, NORM_LAYER = 1, NORM_AFFINE = 2 };
 
 
@@ -242,40 +250,63 @@ static float dot(const float *restrict a, const float *restrict b, Py_ssize_t n)
     return acc;
 }
 
+/* The latent heads of one cell. The products first, then one vector pass over the latent
+ * dimensions for exp, sqrt and log: scalar calls of those, three per dimension, had cost as
+ * much as all the products. */
 HA_CLONES
 static void latent_cell(const Latent *t, Py_ssize_t i) {
     const Py_ssize_t H = t->n_hidden, L = t->n_latent;
     const float *h = t->h + i * H;
-    float kl = 0.0f;
+    float *restrict mean = t->mean + i * L, *restrict var = t->var + i * L;
+    float *restrict z = t->z + i * L;
+    const float *restrict noise = t->noise + i * L;
     for (Py_ssize_t l = 0; l < L; l++) {
-        const float m = dot(t->Wm + l * H, h, H) + t->bm[l];
-        const float v = expf(dot(t->Wv + l * H, h, H) + t->bv[l]) + t->var_eps;
-        t->mean[i * L + l] = m;
-        t->var[i * L + l] = v;
-        t->z[i * L + l] = m + sqrtf(v) * t->noise[i * L + l];
+        mean[l] = dot(t->Wm + l * H, h, H) + t->bm[l];
+        var[l] = dot(t->Wv + l * H, h, H) + t->bv[l]; /* log-variance until the pass below */
+    }
+    const float var_eps = t->var_eps;
+    float kl = 0.0f;
+#pragma omp simd reduction(+ : kl)
+    for (Py_ssize_t l = 0; l < L; l++) {
+        const float m = mean[l];
+        const float v = expf(var[l]) + var_eps;
+        var[l] = v;
+        z[l] = m + sqrtf(v) * noise[l];
         kl += v + m * m - 1.0f - logf(v);
     }
     t->kl[i] = 0.5f * kl;
 }
 
 
-/* dh of one cell: the gradient at the encoder's last hidden layer of dz·z + kl_scale·KL. */
+/* dh of one cell: the gradient at the encoder's last hidden layer of dz·z + kl_scale·KL. The
+ * heads' input gradients per latent dimension in one vector pass, then the products. */
 HA_CLONES
 static void latent_backward_cell(const Latent *t, Py_ssize_t i, const float *dz, float kl_scale,
                                  float *dh) {
+    enum { MAX_LATENT = 256 };
     const Py_ssize_t H = t->n_hidden, L = t->n_latent;
     float *restrict out = dh + i * H;
     memset(out, 0, sizeof(float) * (size_t)H);
-    for (Py_ssize_t l = 0; l < L; l++) {
-        const Py_ssize_t j = i * L + l;
-        const float v = t->var[j], sd = sqrtf(v);
-        /* z = m + sd·ε; KL = ½(v + m² − 1 − log v); v = exp(log_var) + var_eps */
-        const float d_mean = dz[j] + kl_scale * t->mean[j];
-        const float d_var = dz[j] * t->noise[j] * 0.5f / sd + kl_scale * 0.5f * (1.0f - 1.0f / v);
-        const float d_log_var = d_var * (v - t->var_eps);
-        const float *restrict wm = t->Wm + l * H, *restrict wv = t->Wv + l * H;
+    const float var_eps = t->var_eps;
+    for (Py_ssize_t l0 = 0; l0 < L; l0 += MAX_LATENT) {
+        const Py_ssize_t n = L - l0 < MAX_LATENT ? L - l0 : MAX_LATENT;
+        const float *restrict v_ = t->var + i * L + l0, *restrict m_ = t->mean + i * L + l0;
+        const float *restrict dz_ = dz + i * L + l0, *restrict e_ = t->noise + i * L + l0;
+        float d_mean[MAX_LATENT], d_log_var[MAX_LATENT];
 #pragma omp simd
-        for (Py_ssize_t k = 0; k < H; k++) out[k] += d_mean * wm[k] + d_log_var * wv[k];
+        for (Py_ssize_t l = 0; l < n; l++) {
+            /* z = m + sd·ε; KL = ½(v + m² − 1 − log v); v = exp(log_var) + var_eps */
+            const float v = v_[l], sd = sqrtf(v);
+            d_mean[l] = dz_[l] + kl_scale * m_[l];
+            const float d_var = dz_[l] * e_[l] * 0.5f / sd + kl_scale * 0.5f * (1.0f - 1.0f / v);
+            d_log_var[l] = d_var * (v - var_eps);
+        }
+        for (Py_ssize_t l = 0; l < n; l++) {
+            const float *restrict wm = t->Wm + (l0 + l) * H, *restrict wv = t->Wv + (l0 + l) * H;
+            const float dm = d_mean[l], dlv = d_log_var[l];
+#pragma omp simd
+            for (Py_ssize_t k = 0; k < H; k++) out[k] += dm * wm[k] + dlv * wv[k];
+        }
     }
 }
 
