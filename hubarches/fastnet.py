@@ -441,8 +441,9 @@ class QueryStep:
         """
         self.heads_product.forward(h, out["heads"])
         stored = batch.stored
-        if stored is not None and native.csr_supported(stored.csr):
-            nll = self._cores[h.shape[0]](stored.csr, stored.rows, self.log_library[rows])
+        core = self._cores[h.shape[0]]
+        if stored is not None and core.reads(stored.csr):
+            nll = core(stored.csr, stored.rows, self.log_library[rows])
         else:  # dense counts
             a, p, grad_a, grad_p = self._views[h.shape[0]]
             nll, *_ = native.native_core(

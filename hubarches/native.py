@@ -245,6 +245,8 @@ class PreparedCore:
         self.n_cells, self.n_genes = n_cells, n_genes
         self.nll = out[0]
         self._keep = (a, p, theta, log_theta, bias_a, bias_p, out)  # the addresses below
+        # The last matrix read: its arrays (kept, so their memory stays put) and its verdict.
+        self._matrix: tuple[tuple[np.ndarray, ...], tuple[int, int], tuple[int, ...]] | None = None
         self._arguments = _core_arguments(
             a, p, None, None, theta, log_theta, zinb=zinb, bias_a=bias_a, bias_p=bias_p,
             csr_args=None, out=out, grad_lt=None,
@@ -254,7 +256,7 @@ class PreparedCore:
         self, csr: sp.csr_matrix, rows: np.ndarray, log_library: np.ndarray
     ) -> torch.Tensor:
         """The core on ``rows`` of ``csr`` into the prepared outputs; returns the per-cell NLL."""
-        if not csr_supported(csr) or csr.shape[1] != self.n_genes:
+        if not self.reads(csr):
             raise ValueError("the core needs CSR rows it can read, one column per gene")
         picked = _checked_rows(csr, rows)
         if len(picked) != self.n_cells:
@@ -268,10 +270,26 @@ class PreparedCore:
         assert _fastcore is not None
         arguments = list(self._arguments)
         arguments[_LIBRARY_AT] = log_library.ctypes.data
-        arguments[_CSR_AT] = _csr_arguments(csr, picked)
+        assert self._matrix is not None
+        arguments[_CSR_AT] = (len(picked), *self._matrix[2], picked.ctypes.data)
         arguments[_THREADS_AT] = torch.get_num_threads()
         _fastcore.core(*arguments)
         return self.nll
+
+    def reads(self, csr: sp.csr_matrix) -> bool:
+        """Whether the core can read rows of ``csr`` (checked once per matrix, then kept)."""
+        arrays = (csr.data, csr.indices, csr.indptr)
+        last = self._matrix
+        if (
+            last is not None
+            and all(a is b and a.dtype == b.dtype for a, b in zip(arrays, last[0], strict=True))
+            and csr.shape == last[1]
+        ):
+            return True
+        if not csr_supported(csr) or csr.shape[1] != self.n_genes:
+            return False
+        self._matrix = (arrays, csr.shape, _csr_arguments(csr, None)[1:-1])
+        return True
 
 
 _INDEX_TYPES = (np.dtype(np.int32), np.dtype(np.int64))

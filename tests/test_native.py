@@ -203,6 +203,25 @@ def test_a_prepared_core_refuses_what_changed_shape() -> None:
         )  # fmt: skip
 
 
+def test_a_prepared_core_checks_each_new_matrix_once() -> None:
+    """The verdict on a matrix is kept; other arrays or shapes are checked anew."""
+    csr = _matrix(np.int32)
+    a, p, _, log_lib, theta, log_theta = _core_inputs(csr, np.arange(4))
+    core, *_ = _prepared(a, p, theta, log_theta)
+    assert core.reads(csr)
+    assert core.reads(csr)  # kept
+    wide = csr.astype(np.float64)
+    assert not core.reads(wide)
+    with pytest.raises(ValueError, match="CSR rows it can read"):
+        core(wide, np.arange(4), log_lib.numpy())
+    swapped = csr.copy()
+    swapped.data = swapped.data.astype(np.float64)  # same object, other arrays
+    assert core.reads(csr)
+    assert not core.reads(swapped)
+    nll = core(csr, np.arange(4), log_lib.numpy())
+    assert torch.isfinite(nll).all()
+
+
 # --- the log-gamma terms on CSR rows ------------------------------------------------------
 
 
