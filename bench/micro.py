@@ -2,8 +2,8 @@
 
 GEMM throughput is measured at the shapes of one training step (batch B, hidden H, genes G,
 latent L), for torch's products and, where the processor has AVX-512, for hubarches' own
-kernels (``hubarches.gemm``; on AMD processors, where query training uses them, they run at
-about twice MKL's rate). The floor
+kernels (``hubarches.gemm``, which query training uses wherever they run: on AMD processors
+at about twice MKL's rate, on an Intel Xeon ~10 % above it). The floor
 of an epoch is the multiply-adds the step needs with hubarches' design, summed over the
 epoch's cells and divided by the best rate measured for each term, whichever code reached it:
 a query epoch cannot take less time than that on this machine, whatever else is made faster.
