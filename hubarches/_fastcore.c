@@ -75,16 +75,17 @@ static inline __attribute__((always_inline)) float exp_nonpositive(float x) {
     poly = poly * r + 1.6666665459e-1f;
     poly = poly * r + 5.0000001201e-1f;
     poly = poly * r * r + r + 1.0f;
-    const float result = bits_float(float_bits(poly) + (n << 23));
+    const float result = bits_float((int32_t)((uint32_t)float_bits(poly) + ((uint32_t)n << 23)));
     return xc != xc ? xc : result;
 }
 
-/* log(x) for x > 0: x = 2^e m, m in [sqrt(1/2), sqrt(2)), log m by Cephes' polynomial in
- * m - 1; +inf and NaN come back as themselves. */
+/* log(x) for normal x > 0 (t = θ + μ in the core): x = 2^e m, m in [sqrt(1/2), sqrt(2)), log m
+ * by Cephes' polynomial in m - 1; +inf and NaN come back as themselves. The shifts are of
+ * unsigned values: a negative exponent shifted as a signed one is undefined in C. */
 static inline __attribute__((always_inline)) float log_positive(float x) {
     const int32_t bits = float_bits(x);
     const int32_t e = (bits - 0x3f3504f3) >> 23; /* 0x3f3504f3: sqrt(1/2) */
-    const float m = bits_float(bits - (e << 23));
+    const float m = bits_float((int32_t)((uint32_t)bits - ((uint32_t)e << 23)));
     const float f = m - 1.0f;
     const float z = f * f;
     float poly = 7.0376836292e-2f;

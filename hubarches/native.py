@@ -146,6 +146,7 @@ def native_core(
 
 
 def _address(t: torch.Tensor | None) -> int:
+    """A tensor's first element's address for the C core; 0 for none."""
     return 0 if t is None else t.data_ptr()
 
 
@@ -167,7 +168,7 @@ def _core_arguments(
     csr_args: tuple[int, ...] | None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
     grad_lt: torch.Tensor | None,
-) -> tuple:
+) -> tuple[object, ...]:
     """``_fastcore.core``'s arguments, after checking the biases and the output buffers."""
     n_cells, n_genes = a.shape
     for bias in (bias_a, bias_p):
