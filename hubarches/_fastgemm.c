@@ -135,10 +135,15 @@ static int cpu_intel(void) {
     return __builtin_cpu_is("intel");
 }
 
-/* The rows [lo, hi) of thread t of T: the split of OpenMP's static schedule over m rows, the
- * one the likelihood core uses over cells, so each thread's outputs are the rows it reads
- * next and stay in its own core's cache. */
-static void thread_rows(Py_ssize_t m, int t, int T, Py_ssize_t *lo, Py_ssize_t *hi) {
+/* The rows [lo, hi) of m that the calling thread owns: the split of OpenMP's static schedule,
+ * the one the likelihood core uses over cells, so each thread's outputs are the rows it reads
+ * next and stay in its own core's cache. All of them outside a parallel region. */
+static void own_rows(Py_ssize_t m, Py_ssize_t *lo, Py_ssize_t *hi) {
+#ifdef _OPENMP
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+    const int t = 0, T = 1;
+#endif
     const Py_ssize_t size = m / T, extra = m % T;
     *lo = t * size + (t < extra ? t : extra);
     *hi = *lo + size + (t < extra ? 1 : 0);
@@ -157,10 +162,8 @@ static void run_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_
     if (threads > m) threads = m > 0 ? (int)m : 1;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        Py_ssize_t lo = 0, hi = m;
-#ifdef _OPENMP
-        thread_rows(m, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-#endif
+        Py_ssize_t lo, hi;
+        own_rows(m, &lo, &hi);
         for (Py_ssize_t p = 0; p < panels; p++) {
             const Py_ssize_t j0 = p * NR, cols = n - j0 < NR ? n - j0 : NR;
             for (Py_ssize_t i0 = lo; i0 < hi; i0 += MR) {
@@ -184,10 +187,8 @@ static void run_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_
     if (threads > m) threads = m > 0 ? (int)m : 1;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        Py_ssize_t lo = 0, hi = m;
-#ifdef _OPENMP
-        thread_rows(m, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-#endif
+        Py_ssize_t lo, hi;
+        own_rows(m, &lo, &hi);
         for (Py_ssize_t n0 = 0; n0 < n; n0 += KC) {
             const Py_ssize_t n1 = n - n0 < KC ? n : n0 + KC;
             for (Py_ssize_t p = 0; p < panels; p++) {
@@ -214,10 +215,8 @@ static void run_tn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_
     if (threads > n) threads = n > 0 ? (int)n : 1;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        Py_ssize_t lo = 0, hi = n;
-#ifdef _OPENMP
-        thread_rows(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-#endif
+        Py_ssize_t lo, hi;
+        own_rows(n, &lo, &hi);
         for (Py_ssize_t j0 = lo; j0 < hi; j0 += MR) {
             const Py_ssize_t rows = hi - j0 < MR ? hi - j0 : MR;
             for (Py_ssize_t p = 0; p < panels; p++) {
