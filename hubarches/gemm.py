@@ -141,6 +141,44 @@ class FrozenProduct:
         assert self._columns is not None
         return _call(_fastgemm.gemm_nn, m, self.n, self.k, g, self._columns, out)
 
+    def bind_forward(self, h: torch.Tensor, out: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """``forward(h, out)`` with its checks done now, for buffers reused call after call.
+
+        The returned call reads ``h`` and writes ``out`` wherever they are then, so they must
+        stay allocated (it keeps them) and keep their shape. A query step made ~2 µs of
+        checks per product on buffers that never change.
+        """
+        return self._bind(h, out, transposed=True)
+
+    def bind_backward(self, g: torch.Tensor, out: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """``backward(g, out)`` with its checks done now (see :meth:`bind_forward`)."""
+        return self._bind(g, out, transposed=False)
+
+    def _bind(
+        self, a: torch.Tensor, out: torch.Tensor, *, transposed: bool
+    ) -> Callable[[], torch.Tensor]:
+        """One product on fixed buffers: the kernel's arguments computed once."""
+        m = a.shape[0]
+        n_a, n_out = (self.k, self.n) if transposed else (self.n, self.k)
+        if not (self._kernel_ready(m) and _plain(a, (m, n_a)) and _plain(out, (m, n_out))):
+            weight = self.weight.t() if transposed else self.weight
+            return lambda: torch.mm(a, weight, out=out)
+        assert _fastgemm is not None
+        packed = self._rows if transposed else self._columns
+        assert packed is not None
+        run = _fastgemm.gemm_nt if transposed else _fastgemm.gemm_nn
+        arguments = (
+            m, self.n, self.k, a.data_ptr(), a.stride(0), packed.data_ptr(), out.data_ptr(),
+            out.stride(0),
+        )  # fmt: skip
+        kept = (a, out, packed)
+
+        def call() -> torch.Tensor:
+            run(*arguments, torch.get_num_threads())
+            return kept[1]
+
+        return call
+
     def _kernel_ready(self, m: int) -> bool:
         """Kernels on and every dimension non-zero (empty products go to torch)."""
         return self.uses_kernels and m > 0 and self.n > 0 and self.k > 0

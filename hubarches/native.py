@@ -248,6 +248,7 @@ class PreparedCore:
         self._keep = (a, p, theta, log_theta, bias_a, bias_p, out)  # the addresses below
         # The last matrix read: its arrays (kept, so their memory stays put) and its verdict.
         self._matrix: tuple[tuple[np.ndarray, ...], tuple[int, int], tuple[int, ...]] | None = None
+        self._dtypes: tuple[np.dtype, ...] = ()
         self._arguments = _core_arguments(
             a, p, None, None, theta, log_theta, zinb=zinb, bias_a=bias_a, bias_p=bias_p,
             csr_args=None, out=out, grad_lt=None,
@@ -279,17 +280,22 @@ class PreparedCore:
 
     def reads(self, csr: sp.csr_matrix) -> bool:
         """Whether the core can read rows of ``csr`` (checked once per matrix, then kept)."""
-        arrays = (csr.data, csr.indices, csr.indptr)
+        data, indices, indptr = arrays = (csr.data, csr.indices, csr.indptr)
         last = self._matrix
-        if (
-            last is not None
-            and all(a is b and a.dtype == b.dtype for a, b in zip(arrays, last[0], strict=True))
-            and csr.shape == last[1]
-        ):
-            return True
+        if last is not None:  # spelled out: this runs twice a query step
+            (d, i, p), shape, _ = last
+            if (
+                data is d
+                and indices is i
+                and indptr is p
+                and csr.shape == shape
+                and (data.dtype, indices.dtype, indptr.dtype) == self._dtypes
+            ):
+                return True
         if not csr_supported(csr) or csr.shape[1] != self.n_genes:
             return False
         self._matrix = (arrays, csr.shape, _csr_arguments(csr, None)[1:-1])
+        self._dtypes = (data.dtype, indices.dtype, indptr.dtype)
         return True
 
 

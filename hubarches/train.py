@@ -274,7 +274,8 @@ def train_reference(
     """Train every tensor of a fresh model on reference counts; marks it trained."""
     options = options or TrainOptions()
     codes_t = _check_codes(model, counts, codes)
-    if (counts.library() <= 0).any():
+    library = counts.library()  # one pass over the counts, used twice
+    if (library <= 0).any():
         raise ModelError("every reference cell needs at least one count; drop empty cells")
     device = pick_device(options.device)
     model.to(device)
@@ -282,7 +283,7 @@ def train_reference(
         p.requires_grad_(True)
 
     factorial = data_log_factorial(counts).to(device)
-    log_library = _log_library(counts).to(device)
+    log_library = _log_library(library).to(device)
 
     def step_loss(rows: np.ndarray, batch: Minibatch, generator: torch.Generator) -> LossTerms:
         index = torch.as_tensor(rows, device=device)
@@ -311,9 +312,9 @@ def train_reference(
     return history
 
 
-def _log_library(counts: Counts) -> torch.Tensor:
-    """``log Σ_g x_g`` of every cell (−inf for empty cells, which training leaves out)."""
-    return torch.log(torch.from_numpy(counts.library().astype(np.float32)))
+def _log_library(library: np.ndarray) -> torch.Tensor:
+    """``log Σ_g x_g`` of every cell from its library size (−inf where it is 0)."""
+    return torch.log(torch.from_numpy(library.astype(np.float32)))
 
 
 def data_log_factorial(counts: Counts, *, block: int = 8192) -> torch.Tensor:
@@ -402,10 +403,11 @@ def train_query(
     device = pick_device(options.device)
     extension.to(device)
     freeze_reference(extension)
-    keep = np.flatnonzero(counts.library() > 0)
+    library = counts.library()  # one pass over the counts, used twice
+    keep = np.flatnonzero(library > 0)
     first_expression = first_layer_expression(extension, counts)
     log_gamma = frozen_log_gamma(extension, counts, codes_t)
-    log_library = _log_library(counts).to(device)
+    log_library = _log_library(library).to(device)
     fused = query_step(
         extension,
         codes_t,

@@ -94,7 +94,7 @@ def _step(ext: CVAE, x: torch.Tensor, codes: torch.Tensor, *, dropout: bool) -> 
         codes,
         first_expression=first_layer_expression(ext, counts),
         log_gamma=frozen_log_gamma(ext, counts, codes),
-        log_library=_log_library(counts),
+        log_library=_log_library(counts.library()),
         dropout=dropout,
         adam=FROZEN,
     )
@@ -237,7 +237,7 @@ def _inputs(ext: CVAE, x: torch.Tensor, codes: torch.Tensor) -> dict:
     return {
         "first_expression": first_layer_expression(ext, counts),
         "log_gamma": frozen_log_gamma(ext, counts, codes),
-        "log_library": _log_library(counts),
+        "log_library": _log_library(counts.library()),
         "dropout": False,
         "adam": FROZEN,
     }
@@ -272,3 +272,30 @@ def test_a_code_outside_the_columns_is_refused() -> None:
     step = _step(ext, x, bad, dropout=False)
     with pytest.raises(ValueError, match="covariate code"):
         step(np.arange(N_CELLS), Minibatch.from_csr(sp.csr_matrix(x.numpy())), None, 1.0)
+
+
+def test_a_step_reads_each_minibatch_afresh_from_its_reused_buffers() -> None:
+    """Steps of one size share buffers: a step on rows B after rows A is a fresh step on B."""
+    cfg = ModelConfig(n_genes=N_GENES, covariate_sizes=(2,), n_hidden=16, n_latent=4)
+    ext = _grown(cfg)
+    x, codes = _data(cfg)
+    counts = CountMatrix.from_matrix(x.numpy())
+    first, second = np.arange(0, 12), np.arange(12, 24)[::-1].copy()
+    used = _step(ext, x, codes, dropout=False)  # lr 0: the model stays as it is
+    used(first, counts.minibatch(first), torch.Generator().manual_seed(1), 0.5)
+    again = used(second, counts.minibatch(second), torch.Generator().manual_seed(2), 0.5)
+    fresh = _step(ext, x, codes, dropout=False)
+    want = fresh(second, counts.minibatch(second), torch.Generator().manual_seed(2), 0.5)
+    assert again == want
+    assert again != used(first, counts.minibatch(first), torch.Generator().manual_seed(2), 0.5)
+
+
+def test_a_row_outside_the_data_is_refused_before_any_pass_reads_it() -> None:
+    cfg = ModelConfig(n_genes=N_GENES, covariate_sizes=(2,), n_hidden=16, n_latent=4)
+    ext = _grown(cfg)
+    x, codes = _data(cfg)
+    step = _step(ext, x, codes, dropout=False)
+    rows = np.arange(N_CELLS)
+    batch = Minibatch.from_csr(sp.csr_matrix(x.numpy()))
+    with pytest.raises(IndexError):
+        step(rows + 1, batch, None, 1.0)

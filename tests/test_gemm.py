@@ -36,6 +36,23 @@ def test_products_equal_float64_ones(use_kernels: bool, m: int, n: int, k: int) 
     _close(product.backward(g, torch.full((m, k), float("nan"))), g.double() @ w.double())
 
 
+@pytest.mark.parametrize("use_kernels", [False, pytest.param(True, marks=kernels)])
+def test_bound_products_equal_the_calls_and_read_the_buffers_when_run(use_kernels: bool) -> None:
+    """The query step binds its buffers once; each run reads what they hold then."""
+    w, h, g = _data(25, 257, 100)
+    product = gemm.FrozenProduct(w, use_kernels=use_kernels)
+    out_f, out_b = torch.empty(25, 257), torch.empty(25, 100)
+    forward, backward = product.bind_forward(h, out_f), product.bind_backward(g, out_b)
+    for _ in range(2):
+        assert forward() is out_f
+        assert backward() is out_b
+        assert torch.equal(out_f, product.forward(h, torch.empty(25, 257)))
+        assert torch.equal(out_b, product.backward(g, torch.empty(25, 100)))
+        _close(out_f, h.double() @ w.double().t())
+        h.mul_(-2.0)  # new contents, same buffers
+        g.add_(1.0)
+
+
 @kernels
 def test_row_views_with_a_longer_stride_are_read_and_written_in_place() -> None:
     """The query step's buffers are column slices of a wider array."""
