@@ -72,7 +72,7 @@ def _shapes(d: Dims) -> dict[str, tuple[int, Callable[[], torch.Tensor]]]:
         "small_HxL": (b * h * lat, lambda: F.linear(hid, w_small)),
         "square_2048": (2048**3, lambda: big @ big),
     }
-    if kernels_supported():  # hubarches' AVX-512 products with a frozen matrix (no bias)
+    if kernels_supported():  # hubarches' own products with a frozen matrix (no bias)
         one = FrozenProduct(w_head, use_kernels=True)
         both = FrozenProduct(w_fused, use_kernels=True)
         out_g, out_2g, out_h = torch.empty(b, g), torch.empty(b, 2 * g), torch.empty(b, h)

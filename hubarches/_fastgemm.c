@@ -1,15 +1,18 @@
-/* AVX-512 float32 products of the decoder's gene-wide heads: hubarches._fastgemm.
+/* AVX-512 and AVX2 float32 products of the decoder's gene-wide heads: hubarches._fastgemm.
  *
  * A query step spends most of its time in two products with the frozen heads W [n, k]
  * (n = 2 x genes for ZINB, k = n_hidden): C = H W^T (forward) and G W (the gradient at H).
  * PyTorch's CPU wheel calls MKL, which on AMD processors runs its AVX2 code even where the
  * processor has full-width AVX-512 (Zen 4, Zen 5): about half of what the cores can do. These
  * kernels are register-blocked AVX-512 loops (12 rows x 32 columns of accumulators), with W
- * packed once into 32-column panels for the forward product. Each output is one thread's sum
- * in a fixed order, so results do not depend on the thread count.
+ * packed once into 32-column panels for the forward product. Processors without AVX-512
+ * (Zen 2 and 3, Intel's client cores) run AVX2 loops instead (6 rows x 16 columns of
+ * accumulators, W in 16-column panels); hubarches.gemm leaves those off by default, as they
+ * only match MKL's rate there. Each output is one thread's sum in the same fixed order on
+ * either instruction set, so results depend neither on the thread count nor on which runs.
  *
- * supported() says whether this processor and build can run them; hubarches.gemm decides
- * when to use them. Every array is float32 with contiguous rows; addresses come from Python.
+ * isa() says which kernels this processor and build run; hubarches.gemm decides when to use
+ * them. Every array is float32 with contiguous rows; addresses come from Python.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -97,22 +100,89 @@ HA_INLINE HA_AVX512 void tile_nn(int mr, Py_ssize_t n0, Py_ssize_t n1, const flo
  * registers: one instance per row count 1..MR. */
 #define HA_CASES(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12)
 
-#define HA_NT(R)                                                                              \
-    static HA_AVX512 void nt_##R(Py_ssize_t k, const float *a, Py_ssize_t lda, const float *bp, \
+/* nt<S>_R, tn<S>_R and nn<S>_R: an instruction set's tiles (TILE_NT, TILE_NN, compiled
+ * with ATTR) for R rows. */
+#define HA_INSTANCES(S, ATTR, TILE_NT, TILE_NN, R)                                            \
+    static ATTR void nt##S##_##R(Py_ssize_t k, const float *a, Py_ssize_t lda, const float *bp, \
                                  float *c, Py_ssize_t ldc, int cols) {                         \
-        tile_nt(R, k, a, lda, 1, bp, c, ldc, cols);                                            \
+        TILE_NT(R, k, a, lda, 1, bp, c, ldc, cols);                                            \
     }                                                                                         \
-    static HA_AVX512 void tn_##R(Py_ssize_t k, const float *a, Py_ssize_t lda, const float *bp, \
+    static ATTR void tn##S##_##R(Py_ssize_t k, const float *a, Py_ssize_t lda, const float *bp, \
                                  float *c, Py_ssize_t ldc, int cols) {                         \
-        tile_nt(R, k, a, 1, lda, bp, c, ldc, cols);                                            \
-    }
-HA_CASES(HA_NT)
-#define HA_NN(R)                                                                              \
-    static HA_AVX512 void nn_##R(Py_ssize_t n0, Py_ssize_t n1, const float *a, Py_ssize_t lda, \
+        TILE_NT(R, k, a, 1, lda, bp, c, ldc, cols);                                            \
+    }                                                                                         \
+    static ATTR void nn##S##_##R(Py_ssize_t n0, Py_ssize_t n1, const float *a, Py_ssize_t lda, \
                                  const float *bp, float *c, Py_ssize_t ldc, int cols, int add) { \
-        tile_nn(R, n0, n1, a, lda, bp, c, ldc, cols, add);                                     \
+        TILE_NN(R, n0, n1, a, lda, bp, c, ldc, cols, add);                                     \
     }
-HA_CASES(HA_NN)
+#define HA_AVX512_TILES(R) HA_INSTANCES(, HA_AVX512, tile_nt, tile_nn, R)
+HA_CASES(HA_AVX512_TILES)
+
+#define HA_AVX2 __attribute__((target("avx2,fma")))
+#define MR2 6 /* AVX2: 6 rows x 16 columns of accumulators (12 of the 16 registers) */
+#define NR2 16
+
+/* Lanes [0, c) of eight set, c in [0, 8]: the mask of a partial AVX2 store. */
+HA_INLINE HA_AVX2 __m256i lanes(int c) {
+    static const int32_t ones[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    return _mm256_loadu_si256((const __m256i *)(ones + 8 - (c < 0 ? 0 : c > 8 ? 8 : c)));
+}
+
+/* tile_nt on AVX2: rows [0, mr) x columns [0, cols) (cols <= 16) of C = A Bp, Bp one
+ * packed 16-column panel. */
+HA_INLINE HA_AVX2 void tile_nt2(int mr, Py_ssize_t k, const float *a, Py_ssize_t sr,
+                                Py_ssize_t sk, const float *bp, float *c, Py_ssize_t ldc,
+                                int cols) {
+    __m256 acc[MR2][2];
+    for (int r = 0; r < mr; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+    for (Py_ssize_t kk = 0; kk < k; kk++) {
+        const __m256 b0 = _mm256_loadu_ps(bp + kk * NR2), b1 = _mm256_loadu_ps(bp + kk * NR2 + 8);
+        for (int r = 0; r < mr; r++) {
+            const __m256 x = _mm256_set1_ps(a[r * sr + kk * sk]);
+            acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+        }
+    }
+    const __m256i m0 = lanes(cols), m1 = lanes(cols - 8);
+    for (int r = 0; r < mr; r++) {
+        _mm256_maskstore_ps(c + r * ldc, m0, acc[r][0]);
+        _mm256_maskstore_ps(c + r * ldc + 8, m1, acc[r][1]);
+    }
+}
+
+/* tile_nn on AVX2: rows [0, mr) x columns [0, cols) (cols <= 16) of C (+)= A[:, n0:n1] Bp. */
+HA_INLINE HA_AVX2 void tile_nn2(int mr, Py_ssize_t n0, Py_ssize_t n1, const float *a,
+                                Py_ssize_t lda, const float *bp, float *c, Py_ssize_t ldc,
+                                int cols, int add) {
+    const __m256i m0 = lanes(cols), m1 = lanes(cols - 8);
+    __m256 acc[MR2][2];
+    for (int r = 0; r < mr; r++) {
+        if (add) {
+            acc[r][0] = _mm256_maskload_ps(c + r * ldc, m0);
+            acc[r][1] = _mm256_maskload_ps(c + r * ldc + 8, m1);
+        } else {
+            acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        }
+    }
+#pragma GCC unroll 4
+    for (Py_ssize_t j = n0; j < n1; j++) {
+        const __m256 b0 = _mm256_loadu_ps(bp + j * NR2), b1 = _mm256_loadu_ps(bp + j * NR2 + 8);
+        for (int r = 0; r < mr; r++) {
+            const __m256 x = _mm256_set1_ps(a[r * lda + j]);
+            acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < mr; r++) {
+        _mm256_maskstore_ps(c + r * ldc, m0, acc[r][0]);
+        _mm256_maskstore_ps(c + r * ldc + 8, m1, acc[r][1]);
+    }
+}
+
+#define HA_CASES2(X) X(1) X(2) X(3) X(4) X(5) X(6)
+#define HA_AVX2_TILES(R) HA_INSTANCES(2, HA_AVX2, tile_nt2, tile_nn2, R)
+HA_CASES2(HA_AVX2_TILES)
 
 typedef void (*nt_fn)(Py_ssize_t, const float *, Py_ssize_t, const float *, float *, Py_ssize_t,
                       int);
@@ -121,14 +191,36 @@ typedef void (*nn_fn)(Py_ssize_t, Py_ssize_t, const float *, Py_ssize_t, const f
 #define HA_REF_NT(R) nt_##R,
 #define HA_REF_TN(R) tn_##R,
 #define HA_REF_NN(R) nn_##R,
-static const nt_fn NT[MR] = {HA_CASES(HA_REF_NT)};
-static const nt_fn TN[MR] = {HA_CASES(HA_REF_TN)};
-static const nn_fn NN[MR] = {HA_CASES(HA_REF_NN)};
+#define HA_REF_NT2(R) nt2_##R,
+#define HA_REF_TN2(R) tn2_##R,
+#define HA_REF_NN2(R) nn2_##R,
 
-static int cpu_ok(void) {
+/* One instruction set's tiles: ``rows`` rows x ``width`` columns, the width of the panels
+ * pack() writes for it; the functions indexed by row count - 1. */
+typedef struct {
+    int rows, width;
+    nt_fn nt[MR], tn[MR];
+    nn_fn nn[MR];
+} Tiles;
+static const Tiles AVX512 = {MR, NR, {HA_CASES(HA_REF_NT)}, {HA_CASES(HA_REF_TN)},
+                             {HA_CASES(HA_REF_NN)}};
+static const Tiles AVX2 = {MR2, NR2, {HA_CASES2(HA_REF_NT2)}, {HA_CASES2(HA_REF_TN2)},
+                           {HA_CASES2(HA_REF_NN2)}};
+
+enum { ISA_NONE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+
+static int isa_cap = ISA_AVX512; /* set_isa() lowers it, for tests */
+
+static int cpu_isa(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f");
+    int level = ISA_NONE;
+    if (__builtin_cpu_supports("avx512f")) level = ISA_AVX512;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = ISA_AVX2;
+    return level < isa_cap ? level : isa_cap;
 }
+
+/* The tiles of this processor's best instruction set (call only where cpu_isa() > 0). */
+static const Tiles *tiles(void) { return cpu_isa() == ISA_AVX512 ? &AVX512 : &AVX2; }
 
 static int cpu_intel(void) {
     __builtin_cpu_init();
@@ -156,20 +248,20 @@ static void zero_rows(float *c, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t ldc
 
 /* C [m, n] = A [m, k] B^T, B packed by pack_rows(): each thread its rows, panel by panel
  * (a panel stays in L1 across the thread's row tiles). */
-static void run_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_ssize_t lda,
-                   const float *packed, float *c, Py_ssize_t ldc, int threads) {
-    const Py_ssize_t panels = (n + NR - 1) / NR;
+static void run_nt(const Tiles *t, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a,
+                   Py_ssize_t lda, const float *packed, float *c, Py_ssize_t ldc, int threads) {
+    const Py_ssize_t w = t->width, panels = (n + w - 1) / w;
     if (threads > m) threads = m > 0 ? (int)m : 1;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         Py_ssize_t lo, hi;
         own_rows(m, &lo, &hi);
         for (Py_ssize_t p = 0; p < panels; p++) {
-            const Py_ssize_t j0 = p * NR, cols = n - j0 < NR ? n - j0 : NR;
-            for (Py_ssize_t i0 = lo; i0 < hi; i0 += MR) {
-                const Py_ssize_t rows = hi - i0 < MR ? hi - i0 : MR;
-                NT[rows - 1](k, a + i0 * lda, lda, packed + p * NR * k, c + i0 * ldc + j0, ldc,
-                             (int)cols);
+            const Py_ssize_t j0 = p * w, cols = n - j0 < w ? n - j0 : w;
+            for (Py_ssize_t i0 = lo; i0 < hi; i0 += t->rows) {
+                const Py_ssize_t rows = hi - i0 < t->rows ? hi - i0 : t->rows;
+                t->nt[rows - 1](k, a + i0 * lda, lda, packed + p * w * k, c + i0 * ldc + j0, ldc,
+                                (int)cols);
             }
         }
     }
@@ -177,9 +269,9 @@ static void run_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_
 
 /* C [m, k] = A [m, n] B [n, k], B packed by pack_columns(): each thread its rows, the
  * reduction over n in chunks of KC (a chunk of a panel stays in L1 across the row tiles). */
-static void run_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_ssize_t lda,
-                   const float *packed, float *c, Py_ssize_t ldc, int threads) {
-    const Py_ssize_t panels = (k + NR - 1) / NR;
+static void run_nn(const Tiles *t, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a,
+                   Py_ssize_t lda, const float *packed, float *c, Py_ssize_t ldc, int threads) {
+    const Py_ssize_t w = t->width, panels = (k + w - 1) / w;
     if (n == 0) { /* an empty sum */
         zero_rows(c, m, k, ldc);
         return;
@@ -192,22 +284,22 @@ static void run_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_
         for (Py_ssize_t n0 = 0; n0 < n; n0 += KC) {
             const Py_ssize_t n1 = n - n0 < KC ? n : n0 + KC;
             for (Py_ssize_t p = 0; p < panels; p++) {
-                const Py_ssize_t j0 = p * NR, cols = k - j0 < NR ? k - j0 : NR;
-                for (Py_ssize_t i0 = lo; i0 < hi; i0 += MR) {
-                    const Py_ssize_t rows = hi - i0 < MR ? hi - i0 : MR;
-                    NN[rows - 1](n0, n1, a + i0 * lda, lda, packed + p * NR * n,
-                                 c + i0 * ldc + j0, ldc, (int)cols, n0 > 0);
+                const Py_ssize_t j0 = p * w, cols = k - j0 < w ? k - j0 : w;
+                for (Py_ssize_t i0 = lo; i0 < hi; i0 += t->rows) {
+                    const Py_ssize_t rows = hi - i0 < t->rows ? hi - i0 : t->rows;
+                    t->nn[rows - 1](n0, n1, a + i0 * lda, lda, packed + p * w * n,
+                                    c + i0 * ldc + j0, ldc, (int)cols, n0 > 0);
                 }
             }
         }
     }
 }
 /* C [n, k] = A^T B for A [m, n] (row stride lda) and B [m, k] packed by pack_columns():
- * a weight gradient. Each thread its rows of C (columns of A), a block of 12 of them read
- * once from A and kept in L1 across the panels. */
-static void run_tn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_ssize_t lda,
-                   const float *packed, float *c, Py_ssize_t ldc, int threads) {
-    const Py_ssize_t panels = (k + NR - 1) / NR;
+ * a weight gradient. Each thread its rows of C (columns of A), a block of ``t->rows`` of
+ * them read once from A and kept in L1 across the panels. */
+static void run_tn(const Tiles *t, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a,
+                   Py_ssize_t lda, const float *packed, float *c, Py_ssize_t ldc, int threads) {
+    const Py_ssize_t w = t->width, panels = (k + w - 1) / w;
     if (m == 0) {
         zero_rows(c, n, k, ldc);
         return;
@@ -217,63 +309,87 @@ static void run_tn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_
     {
         Py_ssize_t lo, hi;
         own_rows(n, &lo, &hi);
-        for (Py_ssize_t j0 = lo; j0 < hi; j0 += MR) {
-            const Py_ssize_t rows = hi - j0 < MR ? hi - j0 : MR;
+        for (Py_ssize_t j0 = lo; j0 < hi; j0 += t->rows) {
+            const Py_ssize_t rows = hi - j0 < t->rows ? hi - j0 : t->rows;
             for (Py_ssize_t p = 0; p < panels; p++) {
-                const Py_ssize_t c0 = p * NR, cols = k - c0 < NR ? k - c0 : NR;
-                TN[rows - 1](m, a + j0, lda, packed + p * NR * m, c + j0 * ldc + c0, ldc,
-                             (int)cols);
+                const Py_ssize_t c0 = p * w, cols = k - c0 < w ? k - c0 : w;
+                t->tn[rows - 1](m, a + j0, lda, packed + p * w * m, c + j0 * ldc + c0, ldc,
+                                (int)cols);
             }
         }
     }
 }
 #else
-static int cpu_ok(void) { return 0; }
+enum { ISA_NONE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+static int isa_cap = ISA_AVX512;
+static int cpu_isa(void) { return ISA_NONE; }
 static int cpu_intel(void) { return 0; }
 #endif
 
-/* B [n, k] (row stride ldb) as gemm_nt reads it: panel p of NR rows of B, transposed,
- * B[p*NR + j, kk] at p*NR*k + kk*NR + j; zeros past row n. */
+/* Columns per packed panel: the width of this processor's tiles (NR where none run). */
+static Py_ssize_t panel_width(void) { return cpu_isa() == ISA_AVX2 ? 16 : NR; }
+
+/* B [n, k] (row stride ldb) as gemm_nt reads it: panel p of P = panel_width() rows of B,
+ * transposed, B[p*P + j, kk] at p*P*k + kk*P + j; zeros past row n. */
 static void pack_rows(Py_ssize_t n, Py_ssize_t k, const float *b, Py_ssize_t ldb, float *out,
                       int threads) {
+    const Py_ssize_t P = panel_width();
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (Py_ssize_t p = 0; p < (n + NR - 1) / NR; p++) {
-        float *dst = out + p * NR * k; /* NR x k floats: stays in L1 while it is written */
-        for (Py_ssize_t j = 0; j < NR; j++) {
-            const Py_ssize_t row = p * NR + j;
+    for (Py_ssize_t p = 0; p < (n + P - 1) / P; p++) {
+        float *dst = out + p * P * k; /* P x k floats: stays in L1 while it is written */
+        for (Py_ssize_t j = 0; j < P; j++) {
+            const Py_ssize_t row = p * P + j;
             const float *src = b + row * ldb;
             if (row < n)
-                for (Py_ssize_t kk = 0; kk < k; kk++) dst[kk * NR + j] = src[kk];
+                for (Py_ssize_t kk = 0; kk < k; kk++) dst[kk * P + j] = src[kk];
             else
-                for (Py_ssize_t kk = 0; kk < k; kk++) dst[kk * NR + j] = 0.0f;
+                for (Py_ssize_t kk = 0; kk < k; kk++) dst[kk * P + j] = 0.0f;
         }
     }
 }
 
-/* B [n, k] as gemm_nn reads it: panel p of NR columns, B[j, p*NR + c] at p*NR*n + j*NR + c;
+/* B [n, k] as gemm_nn reads it: panel p of P columns, B[j, p*P + c] at p*P*n + j*P + c;
  * zeros past column k. Contiguous panels keep the rows a tile reads in distinct cache sets. */
 static void pack_columns(Py_ssize_t n, Py_ssize_t k, const float *b, Py_ssize_t ldb, float *out,
                          int threads) {
-    const Py_ssize_t panels = (k + NR - 1) / NR;
+    const Py_ssize_t P = panel_width(), panels = (k + P - 1) / P;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (Py_ssize_t j = 0; j < n; j++) {
         const float *src = b + j * ldb;
         for (Py_ssize_t p = 0; p < panels; p++) {
-            float *dst = out + p * NR * n + j * NR;
-            const Py_ssize_t c0 = p * NR, width = k - c0 < NR ? k - c0 : NR;
+            float *dst = out + p * P * n + j * P;
+            const Py_ssize_t c0 = p * P, width = k - c0 < P ? k - c0 : P;
             memcpy(dst, src + c0, (size_t)width * sizeof(float));
-            for (Py_ssize_t c = width; c < NR; c++) dst[c] = 0.0f;
+            for (Py_ssize_t c = width; c < P; c++) dst[c] = 0.0f;
         }
     }
 }
 
-PyDoc_STRVAR(supported_doc, "supported() -> bool\n\nWhether this build and processor run the "
-                            "AVX-512 kernels.");
+PyDoc_STRVAR(isa_doc, "isa() -> str\n\nThe kernels this build and processor run: "
+                      "'avx512', 'avx2' or '' (none).");
 
-static PyObject *supported(PyObject *self, PyObject *args) {
+static PyObject *isa(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
-    return PyBool_FromLong(cpu_ok());
+    const int level = cpu_isa();
+    return PyUnicode_FromString(level == ISA_AVX512 ? "avx512" : level == ISA_AVX2 ? "avx2" : "");
+}
+
+PyDoc_STRVAR(set_isa_doc, "set_isa(name) -> str\n\nRun at most the kernels of ``name`` "
+                          "('avx512', 'avx2' or '') from now on, for tests; returns isa().\n"
+                          "Matrices packed before the change must be packed again.");
+
+static PyObject *set_isa(PyObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    if (!strcmp(name, "avx512")) isa_cap = ISA_AVX512;
+    else if (!strcmp(name, "avx2")) isa_cap = ISA_AVX2;
+    else if (!strcmp(name, "")) isa_cap = ISA_NONE;
+    else {
+        PyErr_SetString(PyExc_ValueError, "set_isa takes 'avx512', 'avx2' or ''");
+        return NULL;
+    }
+    return isa(self, NULL);
 }
 
 PyDoc_STRVAR(intel_doc, "intel() -> bool\n\nWhether the processor is Intel's (where MKL runs "
@@ -326,20 +442,21 @@ static PyObject *run_product(PyObject *args, int kind, const char *name) {
     if (!PyArg_ParseTuple(args, "nnnnnnnni", &m, &n, &k, &a, &lda, &packed, &c, &ldc, &threads))
         return NULL;
     const Py_ssize_t a_cols = kind == PRODUCT_NT ? k : n, c_cols = kind == PRODUCT_NT ? n : k;
-    if (!cpu_ok() || !a || !packed || !c || m < 0 || n < 0 || k < 0 || lda < a_cols ||
+    if (!cpu_isa() || !a || !packed || !c || m < 0 || n < 0 || k < 0 || lda < a_cols ||
         ldc < c_cols) {
         PyErr_Format(PyExc_ValueError, "inconsistent arguments to _fastgemm.%s", name);
         return NULL;
     }
 #if HA_X86
     threads = threads < 1 ? 1 : threads;
+    const Tiles *t = tiles();
     Py_BEGIN_ALLOW_THREADS;
     if (kind == PRODUCT_NT)
-        run_nt(m, n, k, as_pointer(a), lda, as_pointer(packed), as_pointer(c), ldc, threads);
+        run_nt(t, m, n, k, as_pointer(a), lda, as_pointer(packed), as_pointer(c), ldc, threads);
     else if (kind == PRODUCT_NN)
-        run_nn(m, n, k, as_pointer(a), lda, as_pointer(packed), as_pointer(c), ldc, threads);
+        run_nn(t, m, n, k, as_pointer(a), lda, as_pointer(packed), as_pointer(c), ldc, threads);
     else
-        run_tn(m, n, k, as_pointer(a), lda, as_pointer(packed), as_pointer(c), ldc, threads);
+        run_tn(t, m, n, k, as_pointer(a), lda, as_pointer(packed), as_pointer(c), ldc, threads);
     Py_END_ALLOW_THREADS;
 #endif
     Py_RETURN_NONE;
@@ -371,7 +488,8 @@ static PyObject *gemm_tn(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"supported", supported, METH_NOARGS, supported_doc},
+    {"isa", isa, METH_NOARGS, isa_doc},
+    {"set_isa", set_isa, METH_VARARGS, set_isa_doc},
     {"intel", intel, METH_NOARGS, intel_doc},
     {"packed_size", packed_size, METH_VARARGS, packed_size_doc},
     {"pack", pack, METH_VARARGS, pack_doc},
@@ -381,7 +499,7 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastgemm",
-                                    "AVX-512 products of the decoder's heads (optional).", -1,
+                                    "AVX-512 and AVX2 products of the decoder's heads (optional).", -1,
                                     methods};
 
 PyMODINIT_FUNC PyInit__fastgemm(void) { return PyModule_Create(&module); }

@@ -1,6 +1,8 @@
-"""hubarches.gemm: products with a frozen matrix, on the AVX-512 kernels where they run."""
+"""hubarches.gemm: products with a frozen matrix, on the AVX-512 or AVX2 kernels where they run."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 from hubarches import gemm
 
 kernels = pytest.mark.skipif(
-    not gemm.kernels_supported(), reason="the AVX-512 kernels need AVX-512F and _fastgemm"
+    not gemm.kernels_supported(), reason="the kernels need AVX-512F or AVX2 and _fastgemm"
 )
 
 # Rows, columns and depth around the kernels' 12 x 32 tiles and 256-long reduction chunks.
@@ -95,6 +97,50 @@ def test_results_do_not_depend_on_the_thread_count() -> None:
         assert torch.equal(bwd, results[0][1])
 
 
+@pytest.fixture
+def isa_cap() -> Iterator[None]:
+    """Restores the kernels' instruction set after a test lowers it with set_isa()."""
+    yield
+    assert gemm._fastgemm is not None
+    gemm._fastgemm.set_isa("avx512")
+
+
+@pytest.mark.skipif(
+    gemm.kernels_isa() != "avx512", reason="comparing the two needs an AVX-512 processor"
+)
+@pytest.mark.parametrize(("m", "n", "k"), [(128, 4000, 128), (13, 33, 7), (25, 257, 300)])
+def test_avx2_kernels_give_the_avx512_kernels_results_bitwise(
+    isa_cap: None, monkeypatch: pytest.MonkeyPatch, m: int, n: int, k: int
+) -> None:
+    """The same sums in the same order on either instruction set, so a run repeats anywhere."""
+    assert gemm._fastgemm is not None
+    monkeypatch.setenv(gemm.GEMM_ENV, "kernels")  # the changing-matrix products too
+    w, h, g = _data(m, n, k, seed=5)
+    runs = []
+    for isa in ("avx512", "avx2"):
+        assert gemm._fastgemm.set_isa(isa) == isa
+        product = gemm.FrozenProduct(w, use_kernels=True)  # packed for this instruction set
+        runs.append(
+            (
+                product.forward(h, torch.empty(m, n)),
+                product.backward(g, torch.empty(m, k)),
+                gemm.transposed_times(g, h, torch.empty(n, k)),  # packed on each call
+            )
+        )
+    for avx512, avx2 in zip(*runs, strict=True):
+        assert torch.equal(avx512, avx2)
+
+
+@kernels
+def test_without_an_instruction_set_the_kernels_are_off(isa_cap: None) -> None:
+    assert gemm._fastgemm is not None
+    assert gemm._fastgemm.set_isa("") == ""
+    assert not gemm.kernels_supported()
+    assert not gemm.FrozenProduct(torch.randn(8, 4), use_kernels=True).uses_kernels
+    with pytest.raises(ValueError, match="avx512"):
+        gemm._fastgemm.set_isa("sse9")
+
+
 @pytest.mark.parametrize(("m", "n", "k"), [(0, 5, 4), (3, 0, 4), (3, 5, 0)])
 def test_empty_products(m: int, n: int, k: int) -> None:
     w, h, g = _data(m, n, k)
@@ -114,12 +160,14 @@ def test_the_environment_switch_turns_the_kernels_off(monkeypatch: pytest.Monkey
 def test_the_default_follows_the_vendor_and_the_switch_forces_the_kernels(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Auto: frozen matrices on the kernels everywhere; changing ones except on Intel's."""
+    """Auto: on AVX-512, frozen matrices on the kernels, changing ones off Intel's; AVX2: none."""
     assert gemm._fastgemm is not None
     monkeypatch.delenv(gemm.GEMM_ENV, raising=False)
-    assert gemm.kernels_available(frozen=True)
-    assert gemm.FrozenProduct(torch.randn(8, 4)).uses_kernels
-    assert gemm.kernels_available() is not bool(gemm._fastgemm.intel())
+    avx512 = gemm.kernels_isa() == "avx512"
+    assert gemm.kernels_isa() in ("avx512", "avx2")
+    assert gemm.kernels_available(frozen=True) is avx512
+    assert gemm.FrozenProduct(torch.randn(8, 4)).uses_kernels is avx512
+    assert gemm.kernels_available() is (avx512 and not bool(gemm._fastgemm.intel()))
     monkeypatch.setenv(gemm.GEMM_ENV, "kernels")
     assert gemm.kernels_available()
     assert gemm.kernels_available(frozen=True)
@@ -146,7 +194,8 @@ def test_changing_products_follow_the_vendor_default(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(gemm, "_fastgemm", Counting())
     g, w = torch.randn(6, 40), torch.randn(40, 16)
-    for setting, expected in (("auto", not real_pack.__self__.intel()), ("kernels", True)):
+    auto = gemm.kernels_isa() == "avx512" and not real_pack.__self__.intel()
+    for setting, expected in (("auto", auto), ("kernels", True)):
         monkeypatch.setenv(gemm.GEMM_ENV, setting)
         calls.clear()
         out = gemm.times(g, w, torch.empty(6, 16))
