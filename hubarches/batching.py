@@ -62,12 +62,14 @@ class Minibatch:
         csr: sp.csr_matrix | Callable[[], sp.csr_matrix] | None = None,
         nonzero: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         stored: CsrRows | None = None,
+        log1p: Callable[[], torch.Tensor] | None = None,
     ) -> None:
         if csr is None and nonzero is None:
             raise ModelError("a minibatch needs its CSR rows or its nonzero coordinates")
         # Dense counts, or a function that makes them (float32, on the CPU) when first read:
         # query training's C step reads the CSR rows and never needs them.
         self._x = x
+        self._log1p: torch.Tensor | Callable[[], torch.Tensor] | None = log1p
         self._csr = csr  # or a function that cuts them out, called only when needed
         self._nonzero = nonzero
         self._stored = stored
@@ -78,6 +80,19 @@ class Minibatch:
         if callable(self._x):
             self._x = self._x()
         return self._x
+
+    @property
+    def x_log(self) -> torch.Tensor:
+        """``log1p`` of the dense counts, the encoder's input; made once, when first read.
+
+        Batches cut from a CSR matrix take it on the stored values only, in C (log1p(0) = 0):
+        half the logarithms of the dense ``torch.log1p`` at typical sparsity, in one pass.
+        """
+        if self._log1p is None:
+            self._log1p = torch.log1p(self.x)
+        elif callable(self._log1p):
+            self._log1p = self._log1p()
+        return self._log1p
 
     @property
     def stored(self) -> CsrRows | None:
@@ -116,12 +131,17 @@ class Minibatch:
             dtype == torch.float32 if callable(self._x) else dtype == self._x.dtype
         ):
             return self
+
+        def log1p() -> torch.Tensor:  # moved only if read
+            return self.x_log.to(device, dtype)
+
         if self._nonzero is None and device.type == "cpu":
-            return Minibatch(self.x.to(dtype), csr=self._csr, stored=self._stored)
+            return Minibatch(self.x.to(dtype), csr=self._csr, stored=self._stored, log1p=log1p)
         rows, cols, vals = self.nonzero
         return Minibatch(
             self.x.to(device, dtype),
             nonzero=(rows.to(device), cols.to(device), vals.to(device, dtype)),
+            log1p=log1p,
         )
 
 
@@ -216,7 +236,11 @@ class CountMatrix:
             out = native.dense_rows(csr, rows)  # None if the C code was turned off since
             return torch.from_numpy(csr[rows].toarray()) if out is None else out
 
-        return Minibatch(dense, csr=lambda: csr[rows], stored=CsrRows(csr, rows))
+        def dense_log1p() -> torch.Tensor:
+            out = native.dense_rows(csr, rows, log1p=True)
+            return torch.log1p(torch.from_numpy(csr[rows].toarray())) if out is None else out
+
+        return Minibatch(dense, csr=lambda: csr[rows], stored=CsrRows(csr, rows), log1p=dense_log1p)
 
     def row_block(self, start: int, stop: int) -> CountMatrix:
         """Rows ``start:stop`` as a view on this matrix's arrays (no copy of the counts)."""

@@ -178,13 +178,18 @@ class CVAE(nn.Module):
         codes: torch.Tensor,
         *,
         first_expression: torch.Tensor | None = None,
+        x_log: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of ``q(z | x, s)`` from counts.
 
         With ``first_expression`` (the first layer's ``W_x log1p(x) + b``, computed before)
-        the counts themselves are not looked at again.
+        the counts themselves are not looked at again; ``x_log``, when given, is
+        ``log1p(x)`` computed before (a minibatch takes it on the nonzero counts only).
         """
-        x_log = x if first_expression is not None else torch.log1p(x)
+        if first_expression is not None:
+            x_log = x
+        elif x_log is None:
+            x_log = torch.log1p(x)
         return self.encoder(x_log, codes, first_expression=first_expression)
 
     def _decode_mean(
@@ -215,9 +220,10 @@ class CVAE(nn.Module):
         *,
         first_expression: torch.Tensor | None,
         noise: torch.Tensor,
+        x_log: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A reparametrised sample ``μ + σ·noise`` of ``q(z | x, s)`` and the KL to the prior."""
-        q_mean, q_var = self.encode(x, codes, first_expression=first_expression)
+        q_mean, q_var = self.encode(x, codes, first_expression=first_expression, x_log=x_log)
         z = q_mean + q_var.sqrt() * noise
         # KL(N(μ, σ²) ‖ N(0, 1)) summed over latent dimensions.
         kl = 0.5 * (q_var + q_mean.square() - 1.0 - torch.log(q_var)).sum(-1)
@@ -235,6 +241,7 @@ class CVAE(nn.Module):
         factorial: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         log_library: torch.Tensor | None = None,
+        x_log: torch.Tensor | None = None,
     ) -> LossTerms:
         """Per-cell reconstruction loss and KL divergence of a minibatch of counts.
 
@@ -243,12 +250,13 @@ class CVAE(nn.Module):
         rows of a CSR matrix (:class:`~hubarches.fastlik.CsrRows`, read in C), or a function
         that gives coordinates when needed (found from ``x`` otherwise), with the per-cell data
         constant ``factorial`` (Σ log Γ(x+1)) if it was computed beforehand; or, when the
-        dispersion is frozen, as the per-cell constant ``log_gamma`` computed once. Equal,
-        to float rounding, to :meth:`plain_loss`.
+        dispersion is frozen, as the per-cell constant ``log_gamma`` computed once.
+        ``x_log`` is ``log1p(x)`` where the caller has it (a minibatch's :attr:`x_log`).
+        Equal, to float rounding, to :meth:`plain_loss`.
         """
         if noise is None:
             noise = self.draw_noise(x.shape[0], generator=generator, like=x)
-        z, kl = self.sample_z(x, codes, first_expression=first_expression, noise=noise)
+        z, kl = self.sample_z(x, codes, first_expression=first_expression, noise=noise, x_log=x_log)
         if log_library is None:  # training passes the per-cell constant, computed once
             log_library = torch.log(x.sum(-1))
         log_theta = self.log_dispersion(codes)

@@ -351,17 +351,18 @@ def _densify(
     )
 
 
-def dense_rows(csr: sp.csr_matrix, rows: np.ndarray) -> torch.Tensor | None:
+def dense_rows(csr: sp.csr_matrix, rows: np.ndarray, *, log1p: bool = False) -> torch.Tensor | None:
     """Rows ``rows`` of a float32 CSR matrix as a dense tensor, or None where unsupported.
 
     Skips scipy's intermediate CSR of the selected rows: a minibatch is formed in one pass.
-    Row numbers are checked here; column indices outside the matrix are refused in C.
+    With ``log1p`` the rows' ``log1p``, taken on the stored values only. Row numbers are
+    checked here; column indices outside the matrix are refused in C.
     """
     if not csr_supported(csr):
         return None
     picked = _checked_rows(csr, rows)
     out = torch.empty(len(picked), csr.shape[1], dtype=torch.float32)
-    _densify(csr, picked, out, None)
+    _densify(csr, picked, None if log1p else out, out if log1p else None)
     return out
 
 

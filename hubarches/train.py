@@ -294,6 +294,7 @@ def train_reference(
             nonzero=batch.stored_counts(),
             factorial=factorial[index],
             log_library=log_library[index],
+            x_log=batch.x_log,
         )
 
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):

@@ -281,6 +281,22 @@ def test_loss_with_a_given_log_library_equals_the_computed_one() -> None:
     assert not torch.equal(computed.reconstruction, other.reconstruction)
 
 
+def test_loss_with_a_given_log1p_equals_the_computed_one() -> None:
+    """Reference training hands the encoder the minibatch's log1p, taken on nonzeros."""
+    config = ModelConfig(n_genes=30, covariate_sizes=(2,))
+    model = build_model(config, seed=0).eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.poisson(torch.rand(12, 30, generator=gen) * 3, generator=gen) + 1
+    codes = torch.randint(0, 2, (12, 1), generator=gen)
+    noise = torch.randn(12, config.n_latent, generator=gen)
+    computed = model.loss(x, codes, noise=noise)
+    given = model.loss(x, codes, noise=noise, x_log=torch.log1p(x))
+    assert torch.equal(computed.kl, given.kl)
+    assert torch.equal(computed.reconstruction, given.reconstruction)
+    other = model.loss(x, codes, noise=noise, x_log=torch.log1p(x) * 2.0)
+    assert not torch.equal(computed.kl, other.kl)
+
+
 @pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
 def test_loss_on_csr_rows_equals_plain_loss(likelihood: str) -> None:
     """Reference training reads the log-gamma terms straight from the CSR rows (in C)."""

@@ -82,8 +82,23 @@ def test_minibatches_are_the_same_with_and_without_the_c_code(
     monkeypatch.setenv(native.NATIVE_ENV, "0")
     plain = counts.minibatch(rows)
     assert torch.equal(fast.x, plain.x)
+    torch.testing.assert_close(fast.x_log, plain.x_log, rtol=1e-6, atol=0.0)
     for a, b in zip(fast.nonzero, plain.nonzero, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_a_minibatchs_log1p_is_taken_on_its_stored_counts(index_dtype: type) -> None:
+    """The encoder's input, made in C from the CSR rows without the dense counts."""
+    csr = _matrix(index_dtype)
+    rows = np.array([5, 3, 39, 0, 5, 17])
+    logged = native.dense_rows(csr, rows, log1p=True)
+    assert logged is not None
+    np.testing.assert_allclose(logged.numpy(), np.log1p(csr[rows].toarray()), rtol=1e-6)
+    batch = CountMatrix.from_matrix(csr).minibatch(rows)
+    assert batch.x_log is batch.x_log  # made once
+    assert torch.equal(batch.x_log, logged)
+    assert torch.equal(batch.to(torch.device("cpu"), torch.float64).x_log, logged.double())
 
 
 def test_a_minibatch_checks_its_rows_at_once_and_densifies_when_read() -> None:
