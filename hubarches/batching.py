@@ -86,7 +86,7 @@ class Minibatch:
         """``log1p`` of the dense counts, the encoder's input; made once, when first read.
 
         Batches cut from a CSR matrix take it on the stored values only, in C (log1p(0) = 0):
-        half the logarithms of the dense ``torch.log1p`` at typical sparsity, in one pass.
+        one logarithm per stored count instead of one per entry, in one pass.
         """
         if self._log1p is None:
             self._log1p = torch.log1p(self.x)
@@ -132,16 +132,16 @@ class Minibatch:
         ):
             return self
 
-        def log1p() -> torch.Tensor:  # moved only if read
-            return self.x_log.to(device, dtype)
-
         if self._nonzero is None and device.type == "cpu":
+
+            def log1p() -> torch.Tensor:  # converted only if read
+                return self.x_log.to(dtype)
+
             return Minibatch(self.x.to(dtype), csr=self._csr, stored=self._stored, log1p=log1p)
         rows, cols, vals = self.nonzero
-        return Minibatch(
+        return Minibatch(  # on an accelerator log1p is cheaper there than a second copy
             self.x.to(device, dtype),
             nonzero=(rows.to(device), cols.to(device), vals.to(device, dtype)),
-            log1p=log1p,
         )
 
 
