@@ -267,13 +267,18 @@ def test_query_step_with_cached_terms_equals_plain_loss(n_layers: int, injection
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_loss_with_a_given_log_library_equals_the_computed_one() -> None:
+def _model_and_batch() -> tuple[CVAE, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A small model in eval mode, 12 cells' counts, their codes and latent noise."""
     config = ModelConfig(n_genes=30, covariate_sizes=(2,))
     model = build_model(config, seed=0).eval()
     gen = torch.Generator().manual_seed(0)
     x = torch.poisson(torch.rand(12, 30, generator=gen) * 3, generator=gen) + 1
     codes = torch.randint(0, 2, (12, 1), generator=gen)
-    noise = torch.randn(12, config.n_latent, generator=gen)
+    return model, x, codes, torch.randn(12, config.n_latent, generator=gen)
+
+
+def test_loss_with_a_given_log_library_equals_the_computed_one() -> None:
+    model, x, codes, noise = _model_and_batch()
     computed = model.loss(x, codes, noise=noise)
     given = model.loss(x, codes, noise=noise, log_library=torch.log(x.sum(-1)))
     assert torch.equal(computed.reconstruction, given.reconstruction)
@@ -283,12 +288,7 @@ def test_loss_with_a_given_log_library_equals_the_computed_one() -> None:
 
 def test_loss_with_a_given_log1p_equals_the_computed_one() -> None:
     """Reference training hands the encoder the minibatch's log1p, taken on nonzeros."""
-    config = ModelConfig(n_genes=30, covariate_sizes=(2,))
-    model = build_model(config, seed=0).eval()
-    gen = torch.Generator().manual_seed(0)
-    x = torch.poisson(torch.rand(12, 30, generator=gen) * 3, generator=gen) + 1
-    codes = torch.randint(0, 2, (12, 1), generator=gen)
-    noise = torch.randn(12, config.n_latent, generator=gen)
+    model, x, codes, noise = _model_and_batch()
     computed = model.loss(x, codes, noise=noise)
     given = model.loss(x, codes, noise=noise, x_log=torch.log1p(x))
     assert torch.equal(computed.kl, given.kl)
