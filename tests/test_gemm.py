@@ -160,13 +160,13 @@ def test_the_environment_switch_turns_the_kernels_off(monkeypatch: pytest.Monkey
 def test_the_default_follows_the_vendor_and_the_switch_forces_the_kernels(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Auto: on AVX-512, frozen matrices on the kernels, changing ones off Intel's; AVX2: none."""
+    """Auto: frozen matrices on the kernels; changing ones only on AVX-512, off Intel's."""
     assert gemm._fastgemm is not None
     monkeypatch.delenv(gemm.GEMM_ENV, raising=False)
     avx512 = gemm.kernels_isa() == "avx512"
     assert gemm.kernels_isa() in ("avx512", "avx2")
-    assert gemm.kernels_available(frozen=True) is avx512
-    assert gemm.FrozenProduct(torch.randn(8, 4)).uses_kernels is avx512
+    assert gemm.kernels_available(frozen=True)
+    assert gemm.FrozenProduct(torch.randn(8, 4)).uses_kernels
     assert gemm.kernels_available() is (avx512 and not bool(gemm._fastgemm.intel()))
     monkeypatch.setenv(gemm.GEMM_ENV, "kernels")
     assert gemm.kernels_available()
