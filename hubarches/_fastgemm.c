@@ -7,9 +7,11 @@
  * kernels are register-blocked AVX-512 loops (12 rows x 32 columns of accumulators), with W
  * packed once into 32-column panels for the forward product. Processors without AVX-512
  * (Zen 2 and 3, Intel's client cores) run AVX2 loops instead (6 rows x 16 columns of
- * accumulators, W in 16-column panels): they only match MKL's rate in a loop, so hubarches.gemm
- * uses them for frozen matrices only, where packing once and each thread's rows gain. Each output is one thread's sum in the same fixed order on
- * either instruction set, so results depend neither on the thread count nor on which runs.
+ * accumulators, W in 16-column panels): they only match MKL's rate in a loop, so
+ * hubarches.gemm uses them for frozen matrices only, where packing once and each thread
+ * computing the rows the likelihood core reads next gain. Each output is one thread's sum in
+ * the same fixed order on either instruction set, so results depend neither on the thread
+ * count nor on which runs.
  *
  * isa() says which kernels this processor and build run; hubarches.gemm decides when to use
  * them. Every array is float32 with contiguous rows; addresses come from Python.
