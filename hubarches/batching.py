@@ -232,15 +232,16 @@ class CountMatrix:
             raise IndexError(f"row numbers outside 0..{self.n_cells - 1}")
         csr = self.csr
 
-        def dense() -> torch.Tensor:
-            out = native.dense_rows(csr, rows)  # None if the C code was turned off since
-            return torch.from_numpy(csr[rows].toarray()) if out is None else out
+        def dense(log1p: bool = False) -> torch.Tensor:
+            out = native.dense_rows(csr, rows, log1p=log1p)  # None if the C code is off
+            if out is not None:
+                return out
+            plain = torch.from_numpy(csr[rows].toarray())
+            return torch.log1p(plain) if log1p else plain
 
-        def dense_log1p() -> torch.Tensor:
-            out = native.dense_rows(csr, rows, log1p=True)
-            return torch.log1p(torch.from_numpy(csr[rows].toarray())) if out is None else out
-
-        return Minibatch(dense, csr=lambda: csr[rows], stored=CsrRows(csr, rows), log1p=dense_log1p)
+        return Minibatch(
+            dense, csr=lambda: csr[rows], stored=CsrRows(csr, rows), log1p=lambda: dense(True)
+        )
 
     def row_block(self, start: int, stop: int) -> CountMatrix:
         """Rows ``start:stop`` as a view on this matrix's arrays (no copy of the counts)."""
