@@ -282,6 +282,41 @@ def test_theta_log_gamma_and_its_gradient_equal_lgamma(index_dtype: type) -> Non
     )
 
 
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_theta_log_gamma_of_unsorted_and_repeated_columns_is_per_stored_count(
+    index_dtype: type,
+) -> None:
+    """Rows whose columns do not strictly increase take the one-by-one gradient pass."""
+    indptr = np.array([0, 4, 7, 7, 9], dtype=index_dtype)
+    indices = np.array([4, 1, 2, 1, 0, 3, 3, 5, 2], dtype=index_dtype)  # unsorted; repeats
+    data = np.array([3, 1, 40, 2, 7, 2.5, 5_000, 1, 4], dtype=np.float32)
+    csr = sp.csr_matrix((data, indices, indptr), shape=(4, 6))
+    csr.indices, csr.indptr = indices, indptr  # as given: scipy would not sum them here
+    assert not csr.has_canonical_format
+    theta = torch.tensor([0.3, 2.0, 11.0, 0.05, 1.5, 7.0], dtype=torch.float64)
+    rows = np.array([0, 1, 2, 3, 0])
+    th = theta.clone().requires_grad_()
+    plain = torch.stack(
+        [
+            sum(
+                (
+                    torch.lgamma(float(data[k]) + th[int(indices[k])])
+                    - torch.lgamma(th[int(indices[k])])
+                    for k in range(int(indptr[r]), int(indptr[r + 1]))
+                ),
+                torch.zeros((), dtype=torch.float64),
+            )
+            for r in rows
+        ]
+    )
+    fast = native.theta_log_gamma(csr, rows, theta.float())
+    torch.testing.assert_close(fast.double(), plain.detach(), rtol=1e-6, atol=1e-3)
+    weights = torch.tensor([0.5, -1.0, 2.0, 1.5, 0.25])
+    (expected,) = torch.autograd.grad((plain * weights.double()).sum(), th)
+    got = native.theta_log_gamma_grad(csr, rows, theta.float(), weights)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
 def test_theta_log_gamma_refuses_columns_outside_the_matrix() -> None:
     bad = _matrix(np.int32)
     bad.indices[bad.indptr[1]] = 33
