@@ -206,10 +206,11 @@ def replicates(
 
 
 def _timing(result: dict[str, Any]) -> dict[str, float | None]:
-    """The timings a replicate keeps: query mapping and the steady query epoch."""
+    """The timings a replicate keeps: query mapping and the steady query and reference epochs."""
     return {
         "mapping_s": mapping_seconds(result),
         "query_epoch_s": steady_epoch(result["query_epochs"]),
+        "ref_epoch_s": steady_epoch(result["ref_epochs"]),
     }
 
 
