@@ -213,7 +213,7 @@ def replicate_table(replicates: dict[str, Any]) -> list[str]:
             ("mapping_s", "query mapping (s)"),
         ):
             if any(t.get(key) is None for t in hub_t):
-                continue  # kept since 2026-12-03: older results lack the reference epoch
+                continue  # results written before 2026-12-03 lack the reference epochs
             h = [t[key] for t in hub_t]
             p = [t[key] for t in peer_t] if peer_t else None
             ratio = f"{_mean(p) / _mean(h):.1f}×" if p else "—"
