@@ -331,17 +331,24 @@ static int cpu_intel(void) { return 0; }
 /* Columns per packed panel: the width of this processor's tiles (NR where none run). */
 static Py_ssize_t panel_width(void) { return cpu_isa() == ISA_AVX2 ? 16 : NR; }
 
-/* B [n, k] (row stride ldb) as gemm_nt reads it: panel p of P = panel_width() rows of B,
- * transposed, B[p*P + j, kk] at p*P*k + kk*P + j; zeros past row n. */
-static void pack_rows(Py_ssize_t n, Py_ssize_t k, const float *b, Py_ssize_t ldb, float *out,
-                      int threads) {
+/* Row ``row`` of B: of ``b`` below ``split``, else row ``row - split`` of ``b2`` (the two
+ * stacked without a copy of them as one matrix). */
+static inline const float *row_of(const float *b, const float *b2, Py_ssize_t split,
+                                  Py_ssize_t ldb, Py_ssize_t row) {
+    return row < split ? b + row * ldb : b2 + (row - split) * ldb;
+}
+
+/* B [n, k] (row stride ldb; rows from ``split`` on in b2) as gemm_nt reads it: panel p of P =
+ * panel_width() rows of B, transposed, B[p*P + j, kk] at p*P*k + kk*P + j; zeros past row n. */
+static void pack_rows(Py_ssize_t n, Py_ssize_t k, const float *b, const float *b2,
+                      Py_ssize_t split, Py_ssize_t ldb, float *out, int threads) {
     const Py_ssize_t P = panel_width();
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (Py_ssize_t p = 0; p < (n + P - 1) / P; p++) {
         float *dst = out + p * P * k; /* P x k floats: stays in L1 while it is written */
         for (Py_ssize_t j = 0; j < P; j++) {
             const Py_ssize_t row = p * P + j;
-            const float *src = b + row * ldb;
+            const float *src = row < n ? row_of(b, b2, split, ldb, row) : NULL;
             if (row < n)
                 for (Py_ssize_t kk = 0; kk < k; kk++) dst[kk * P + j] = src[kk];
             else
@@ -350,14 +357,15 @@ static void pack_rows(Py_ssize_t n, Py_ssize_t k, const float *b, Py_ssize_t ldb
     }
 }
 
-/* B [n, k] as gemm_nn reads it: panel p of P columns, B[j, p*P + c] at p*P*n + j*P + c;
- * zeros past column k. Contiguous panels keep the rows a tile reads in distinct cache sets. */
-static void pack_columns(Py_ssize_t n, Py_ssize_t k, const float *b, Py_ssize_t ldb, float *out,
-                         int threads) {
+/* B [n, k] (rows from ``split`` on in b2) as gemm_nn reads it: panel p of P columns,
+ * B[j, p*P + c] at p*P*n + j*P + c; zeros past column k. Contiguous panels keep the rows a
+ * tile reads in distinct cache sets. */
+static void pack_columns(Py_ssize_t n, Py_ssize_t k, const float *b, const float *b2,
+                         Py_ssize_t split, Py_ssize_t ldb, float *out, int threads) {
     const Py_ssize_t P = panel_width(), panels = (k + P - 1) / P;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (Py_ssize_t j = 0; j < n; j++) {
-        const float *src = b + j * ldb;
+        const float *src = row_of(b, b2, split, ldb, j);
         for (Py_ssize_t p = 0; p < panels; p++) {
             float *dst = out + p * P * n + j * P;
             const Py_ssize_t c0 = p * P, width = k - c0 < P ? k - c0 : P;
@@ -413,23 +421,26 @@ static PyObject *packed_size(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(rows > cols ? rows : cols);
 }
 
-PyDoc_STRVAR(pack_doc, "pack(b, n, k, ldb, out, transposed, threads)\n\nB [n, k] (row stride "
-                       "ldb) into the panels gemm_nt (transposed) or gemm_nn reads; out\n"
-                       "holds packed_size(n, k) floats.");
+PyDoc_STRVAR(pack_doc, "pack(b, n, k, ldb, out, transposed, threads, b2=0, split=n)\n\n"
+                       "B [n, k] (row stride ldb) into the panels gemm_nt (transposed) or gemm_nn\n"
+                       "reads; out holds packed_size(n, k) floats. With b2, B's rows from split on\n"
+                       "are b2's (same row stride): two matrices stacked without a copy.");
 
 static PyObject *pack(PyObject *self, PyObject *args) {
-    Py_ssize_t b, n, k, ldb, out;
+    Py_ssize_t b, n, k, ldb, out, b2 = 0, split = -1;
     int transposed, threads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnnnnpi", &b, &n, &k, &ldb, &out, &transposed, &threads))
+    if (!PyArg_ParseTuple(args, "nnnnnpi|nn", &b, &n, &k, &ldb, &out, &transposed, &threads, &b2,
+                          &split))
         return NULL;
-    if (!b || !out || n < 0 || k < 0 || ldb < k) {
+    if (split < 0) split = n;
+    if (!b || !out || n < 0 || k < 0 || ldb < k || split > n || (split < n && !b2)) {
         PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastgemm.pack");
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS;
-    (transposed ? pack_rows : pack_columns)(n, k, as_pointer(b), ldb, as_pointer(out),
-                                            threads < 1 ? 1 : threads);
+    (transposed ? pack_rows : pack_columns)(n, k, as_pointer(b), as_pointer(b2), split, ldb,
+                                            as_pointer(out), threads < 1 ? 1 : threads);
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
 }

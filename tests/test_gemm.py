@@ -244,6 +244,37 @@ def test_products_with_a_changing_matrix_see_every_change(
     )
 
 
+@pytest.mark.parametrize("use_kernels", [pytest.param("kernels", marks=kernels), "torch"])
+@pytest.mark.parametrize(("split", "n", "k"), [(2000, 4000, 128), (13, 33, 7), (5, 37, 50)])
+def test_a_stacked_pair_is_read_as_the_one_matrix_of_its_rows(
+    use_kernels: str, split: int, n: int, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """times / times_transposed of (top, bottom) give those of torch.cat, bitwise.
+
+    The splits fall inside the kernels' 16- and 32-row panels, and at none of their edges.
+    """
+    monkeypatch.setenv(gemm.GEMM_ENV, use_kernels)
+    w, h, g = _data(19, n, k, seed=9)
+    pair = (w[:split].clone(), w[split:].clone())  # two allocations, as two heads' weights
+    assert pair[0].data_ptr() + pair[0].numel() * 4 != pair[1].data_ptr()
+    forward = gemm.times_transposed(h, pair, torch.full((19, n), float("nan")))
+    assert torch.equal(forward, gemm.times_transposed(h, w, torch.empty(19, n)))
+    back = gemm.times(g, pair, torch.full((19, k), float("nan")))
+    assert torch.equal(back, gemm.times(g, w, torch.empty(19, k)))
+    _close(forward, h.double() @ w.double().t())
+    _close(back, g.double() @ w.double())
+
+
+@pytest.mark.skipif(gemm._fastgemm is None, reason="_fastgemm is not built")
+def test_pack_refuses_a_split_without_its_second_matrix() -> None:
+    assert gemm._fastgemm is not None
+    w = torch.zeros(8, 4)
+    out = torch.empty(gemm._fastgemm.packed_size(8, 4))
+    for extra in ((0, 3), (w.data_ptr(), 9)):
+        with pytest.raises(ValueError, match="inconsistent"):
+            gemm._fastgemm.pack(w.data_ptr(), 8, 4, 4, out.data_ptr(), True, 1, *extra)
+
+
 @pytest.mark.parametrize("use_kernels", ["auto", "torch"])
 @pytest.mark.parametrize(("m", "n", "k"), [(128, 4000, 128), (13, 37, 45), (1, 1, 1), (0, 5, 3)])
 def test_weight_gradient_products_equal_float64_ones(
