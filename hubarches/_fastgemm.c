@@ -348,10 +348,10 @@ static void pack_rows(Py_ssize_t n, Py_ssize_t k, const float *b, const float *b
         float *dst = out + p * P * k; /* P x k floats: stays in L1 while it is written */
         for (Py_ssize_t j = 0; j < P; j++) {
             const Py_ssize_t row = p * P + j;
-            const float *src = row < n ? row_of(b, b2, split, ldb, row) : NULL;
-            if (row < n)
+            if (row < n) {
+                const float *src = row_of(b, b2, split, ldb, row);
                 for (Py_ssize_t kk = 0; kk < k; kk++) dst[kk * P + j] = src[kk];
-            else
+            } else
                 for (Py_ssize_t kk = 0; kk < k; kk++) dst[kk * P + j] = 0.0f;
         }
     }
@@ -433,8 +433,8 @@ static PyObject *pack(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "nnnnnpi|nn", &b, &n, &k, &ldb, &out, &transposed, &threads, &b2,
                           &split))
         return NULL;
-    if (split < 0) split = n;
-    if (!b || !out || n < 0 || k < 0 || ldb < k || split > n || (split < n && !b2)) {
+    if (split == -1) split = n;
+    if (!b || !out || n < 0 || k < 0 || ldb < k || split < 0 || split > n || (split < n && !b2)) {
         PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastgemm.pack");
         return NULL;
     }

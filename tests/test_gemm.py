@@ -270,7 +270,7 @@ def test_pack_refuses_a_split_without_its_second_matrix() -> None:
     assert gemm._fastgemm is not None
     w = torch.zeros(8, 4)
     out = torch.empty(gemm._fastgemm.packed_size(8, 4))
-    for extra in ((0, 3), (w.data_ptr(), 9)):
+    for extra in ((0, 3), (w.data_ptr(), 9), (w.data_ptr(), -2)):
         with pytest.raises(ValueError, match="inconsistent"):
             gemm._fastgemm.pack(w.data_ptr(), 8, 4, 4, out.data_ptr(), True, 1, *extra)
 
