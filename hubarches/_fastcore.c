@@ -112,9 +112,9 @@ static inline __attribute__((always_inline)) float log_positive(float x) {
  * earlier inline version measured slower on a Zen 5, where this one has not been measured.
  * set_math() overrides the choice (the tests run the core both ways). */
 static int math_override = -1; /* -1: by the processor; 0: libm; 1: inline */
+static int math_by_processor = 1; /* set once at import (cpuid can trap to a hypervisor) */
 
-static int use_inline_math(void) {
-    if (math_override >= 0) return math_override;
+static int processor_math(void) {
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
     if (!__builtin_cpu_is("amd")) return 1;
@@ -125,6 +125,10 @@ static int use_inline_math(void) {
 #else
     return 1;
 #endif
+}
+
+static int use_inline_math(void) {
+    return math_override >= 0 ? math_override : math_by_processor;
 }
 
 /* In code where ``inline_math`` is a compile-time constant. */
@@ -849,6 +853,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastcore",
                                     methods};
 
 PyMODINIT_FUNC PyInit__fastcore(void) {
+    math_by_processor = processor_math();
     PyObject *mod = PyModule_Create(&module);
 #ifdef _OPENMP
     if (mod != NULL && PyModule_AddIntConstant(mod, "openmp", 1) < 0) {

@@ -211,11 +211,6 @@ def _stacked_heads(
     return w_a.detach().contiguous(), w_p.detach().contiguous()
 
 
-def _stacked_rows(stacked: torch.Tensor | Stacked) -> int:
-    """Rows of the stacked heads: ``2G`` for a pair."""
-    return sum(w.shape[0] for w in stacked) if isinstance(stacked, tuple) else stacked.shape[0]
-
-
 class HeadsCountNLL(torch.autograd.Function):
     """The decoder's gene-wide heads and the likelihood as one autograd node.
 
@@ -252,7 +247,8 @@ class HeadsCountNLL(torch.autograd.Function):
             p = torch.mm(h, w_p.t()) if with_p else None
         else:  # both heads as one product, on hubarches' kernels
             n_genes = w_a.shape[0]
-            heads = times_transposed(h, stacked, h.new_empty(h.shape[0], _stacked_rows(stacked)))
+            width = n_genes + (w_p.shape[0] if with_p and w_p is not None else 0)
+            heads = times_transposed(h, stacked, h.new_empty(h.shape[0], width))
             a, p = heads[:, :n_genes], heads[:, n_genes:] if with_p else None
             grads = torch.empty_like(heads)
         if native.supports(a, p, x, log_library, theta, log_theta) and _plain_bias(b_a, b_p):
@@ -311,7 +307,7 @@ class HeadsCountNLL(torch.autograd.Function):
             h_scaled = h * scale
             if ctx.stacked is not None:  # both heads' weight gradients as one product
                 both = transposed_times(
-                    ctx.grads, h_scaled, h.new_empty(_stacked_rows(ctx.stacked), h.shape[1])
+                    ctx.grads, h_scaled, h.new_empty(ctx.grads.shape[1], h.shape[1])
                 )
                 n_genes = w_a.shape[0]
                 out[1] = both[:n_genes] if need[1] else None

@@ -255,13 +255,13 @@ def _kernels_take(
     )
 
 
-def _packed(matrix: torch.Tensor | Stacked, transposed: bool) -> torch.Tensor:
-    """``matrix`` packed for ``gemm_nt`` (transposed) or ``gemm_nn``/``gemm_tn``, per thread."""
+def _packed(matrix: torch.Tensor | Stacked, rows: int, cols: int, transposed: bool) -> torch.Tensor:
+    """``matrix [rows, cols]`` packed for ``gemm_nt`` (transposed) or ``gemm_nn``/``gemm_tn``.
+
+    Into this thread's buffer; the caller has checked the shape.
+    """
     assert _fastgemm is not None
     parts = _parts(matrix)
-    shape = _stacked_shape(matrix)
-    assert shape is not None
-    rows, cols = shape
     packed = _packing_buffer(_fastgemm.packed_size(rows, cols))
     second = (parts[1].data_ptr(), parts[0].shape[0]) if len(parts) > 1 else ()
     _fastgemm.pack(
@@ -289,7 +289,7 @@ def _changing(
         return False
     assert _fastgemm is not None
     run = _fastgemm.gemm_nt if transposed else _fastgemm.gemm_nn
-    _call(run, m, n, k, a, _packed(w, transposed), out)
+    _call(run, m, n, k, a, _packed(w, n, k, transposed), out)
     return True
 
 
@@ -322,4 +322,4 @@ def transposed_times(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> tor
     if not _kernels_take(a, b, out, ((m, n), (m, k), (n, k))):
         return torch.mm(a.t(), b, out=out)
     assert _fastgemm is not None
-    return _call(_fastgemm.gemm_tn, m, n, k, a, _packed(b, False), out)
+    return _call(_fastgemm.gemm_tn, m, n, k, a, _packed(b, m, k, False), out)
