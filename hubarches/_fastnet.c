@@ -14,6 +14,9 @@
  * place. net_backward: from the gradient at the decoder's last block back to the lowest block
  * with trainable columns, then the gradient of the added columns summed per category. One
  * parallel pass over the cells each way: every step of the small network is per cell.
+ * Reference training (hubarches.fastref) runs the same passes with every tensor trainable:
+ * net_backward then also writes the blocks' weight and bias gradients, the reference's
+ * covariate columns' and the latent heads', in a second parallel pass over their rows.
  * Every array is float32, rows contiguous; addresses come from hubarches.fastnet.
  */
 #define PY_SSIZE_T_CLEAN
@@ -22,6 +25,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* glibc's vector expf and logf (see _fastcore.c: declared here rather than by -ffast-math). */
 #if defined(__GLIBC__) && defined(__x86_64__) && defined(__GNUC__)
@@ -45,16 +51,18 @@ static void *as_pointer(Py_ssize_t address) { return (void *)(uintptr_t)address;
 #endif
 
 /* One categorical covariate of a block: its column in the codes, the reference's columns
- * ([n_out, k_ref]) and surgery's ([n_out, k_new], NULL if none), and where the gradient of the
- * added columns goes ([n_out, k_new], NULL when they do not train). */
+ * ([n_out, k_ref]) and surgery's ([n_out, k_new], NULL if none), and where the gradients of
+ * the added columns ([n_out, k_new]) and of the reference's ([n_out, k_ref]) go: NULL for
+ * columns that do not train (query training trains the added ones, reference training its
+ * own). */
 typedef struct {
     int64_t column, k_ref, k_new;
     const float *ref, *added;
-    float *grad;
+    float *grad, *ref_grad;
 } Covariate;
 
 #define MAX_COVARIATES 16
-#define COVARIATE_FIELDS 6
+#define COVARIATE_FIELDS 7
 
 typedef struct {
     Py_ssize_t n_cells, n_in, n_out, x_stride;
@@ -70,6 +78,7 @@ typedef struct {
     float keep;       /* 1 - dropout rate; the mask is drawn in forward when keep < 1 */
     uint64_t seed;    /* of this pass's mask */
     float *y, *rstd, *out;
+    float *grad_w, *grad_b; /* [n_out, n_in] and [n_out] (NULL: frozen): reference training */
 } Block;
 
 /* splitmix64's output function: a well-mixed 64-bit value of a counter. */
@@ -108,6 +117,7 @@ static int read_covariates(Block *blk, Py_ssize_t table, Py_ssize_t n_cov) {
         cv->added = as_pointer((Py_ssize_t)f[3]);
         cv->k_new = f[4];
         cv->grad = as_pointer((Py_ssize_t)f[5]);
+        cv->ref_grad = as_pointer((Py_ssize_t)f[6]);
         if (cv->column < 0 || cv->column >= blk->n_codes || !cv->ref || cv->k_ref < 1 ||
             cv->k_new < 0 || (cv->k_new > 0 && !cv->added))
             return -1;
@@ -218,19 +228,48 @@ static void backward_cell(const Block *blk, Py_ssize_t i, const float *dout, flo
     }
 }
 
-/* Σ over the cells of each added category of dpre: the gradient of surgery's columns. */
+/* Σ over the cells of each category of dpre: the gradient of surgery's columns and, where
+ * they train, of the reference's. */
 static void covariate_gradients(const Block *blk, const float *dpre) {
     const Py_ssize_t n_out = blk->n_out;
     for (int c = 0; c < blk->n_cov; c++) {
         const Covariate *cv = &blk->cov[c];
-        if (!cv->grad || cv->k_new == 0) continue;
-        memset(cv->grad, 0, sizeof(float) * (size_t)(n_out * cv->k_new));
+        float *added = cv->k_new > 0 ? cv->grad : NULL, *ref = cv->ref_grad;
+        if (!added && !ref) continue;
+        if (added) memset(added, 0, sizeof(float) * (size_t)(n_out * cv->k_new));
+        if (ref) memset(ref, 0, sizeof(float) * (size_t)(n_out * cv->k_ref));
         for (Py_ssize_t i = 0; i < blk->n_cells; i++) {
-            const int64_t s = blk->codes[i * blk->n_codes + cv->column] - cv->k_ref;
-            if (s < 0) continue;
+            const int64_t s = blk->codes[i * blk->n_codes + cv->column];
+            float *g = s < cv->k_ref ? ref : added;
+            if (!g) continue;
+            const int64_t at = s < cv->k_ref ? s : s - cv->k_ref;
+            const int64_t stride = s < cv->k_ref ? cv->k_ref : cv->k_new;
             const float *d = dpre + i * n_out;
-            for (Py_ssize_t o = 0; o < n_out; o++) cv->grad[o * cv->k_new + s] += d[o];
+            for (Py_ssize_t o = 0; o < n_out; o++) g[o * stride + at] += d[o];
         }
+    }
+}
+
+/* Rows [o0, o1) of Σ_i a_iᵀ b_i: grad[o, :] = Σ_i a[i, o] · b[i, :] and bias[o] = Σ_i a[i, o]
+ * (either NULL to skip): a weight gradient, parallel over its rows. a: [n, n_a]; b: [n, n_b]
+ * with rows b_stride apart. */
+HA_CLONES
+static void outer_rows(Py_ssize_t n, const float *restrict a, Py_ssize_t n_a, const float *restrict b,
+                       Py_ssize_t n_b, Py_ssize_t b_stride, Py_ssize_t o0, Py_ssize_t o1,
+                       float *restrict grad, float *restrict bias) {
+    for (Py_ssize_t o = o0; o < o1; o++) {
+        float *restrict g = grad ? grad + o * n_b : NULL;
+        if (g) memset(g, 0, sizeof(float) * (size_t)n_b);
+        float sum = 0.0f;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float ai = a[i * n_a + o];
+            sum += ai;
+            if (!g) continue;
+            const float *restrict bi = b + i * b_stride;
+#pragma omp simd
+            for (Py_ssize_t k = 0; k < n_b; k++) g[k] += ai * bi[k];
+        }
+        if (bias) bias[o] = sum;
     }
 }
 
@@ -241,6 +280,9 @@ typedef struct {
     const float *h, *Wm, *bm, *Wv, *bv, *noise;
     float var_eps;
     float *mean, *var, *z, *kl;
+    /* Reference training: the heads' input gradients kept ([n_cells, n_latent] each), and
+     * where the heads' weight and bias gradients go; all NULL in query training. */
+    float *d_mean, *d_log_var, *grad_wm, *grad_bm, *grad_wv, *grad_bv;
 } Latent;
 
 static float dot(const float *restrict a, const float *restrict b, Py_ssize_t n) {
@@ -301,6 +343,10 @@ static void latent_backward_cell(const Latent *t, Py_ssize_t i, const float *dz,
             const float d_var = dz_[l] * e_[l] * 0.5f / sd + kl_scale * 0.5f * (1.0f - 1.0f / v);
             d_log_var[l] = d_var * (v - var_eps);
         }
+        if (t->d_mean) {
+            memcpy(t->d_mean + i * L + l0, d_mean, sizeof(float) * (size_t)n);
+            memcpy(t->d_log_var + i * L + l0, d_log_var, sizeof(float) * (size_t)n);
+        }
         for (Py_ssize_t l = 0; l < n; l++) {
             const float *restrict wm = t->Wm + (l0 + l) * H, *restrict wv = t->Wv + (l0 + l) * H;
             const float dm = d_mean[l], dlv = d_log_var[l];
@@ -317,11 +363,11 @@ static void latent_backward_cell(const Latent *t, Py_ssize_t i, const float *dz,
 enum {
     H_CELLS, H_ENC, H_DEC, H_HIDDEN, H_LATENT, H_FIRST, H_FIRST_STRIDE, H_WM, H_BM, H_WV, H_BV,
     H_MEAN, H_VAR, H_Z, H_KL, H_DZ, H_DH, H_NOISE, H_VAR_EPS, H_ENC_LOWEST, H_DEC_LOWEST,
-    H_GRAD_H, HEADER
+    H_GRAD_H, H_D_MEAN, H_D_LOG_VAR, H_GRAD_WM, H_GRAD_BM, H_GRAD_WV, H_GRAD_BV, HEADER
 };
 enum {
     B_IN, B_OUT, B_WT, B_BIAS, B_TABLE, B_NCOV, B_NORM, B_SCALE, B_SHIFT, B_EPS, B_MASK, B_KEEP,
-    B_Y, B_RSTD, B_OUTPUT, B_DPRE, B_DX, BLOCK_FIELDS
+    B_Y, B_RSTD, B_OUTPUT, B_DPRE, B_DX, B_GRAD_W, B_GRAD_B, BLOCK_FIELDS
 };
 #define MAX_BLOCKS 8
 
@@ -372,6 +418,18 @@ static int read_plan(Net *net, Py_ssize_t plan_at, Py_ssize_t plan_len, Py_ssize
     net->dz = as_pointer(h[H_DZ]);
     net->dh = as_pointer(h[H_DH]);
     net->grad_h = as_pointer(h[H_GRAD_H]);
+    t->d_mean = as_pointer(h[H_D_MEAN]);
+    t->d_log_var = as_pointer(h[H_D_LOG_VAR]);
+    t->grad_wm = as_pointer(h[H_GRAD_WM]);
+    t->grad_bm = as_pointer(h[H_GRAD_BM]);
+    t->grad_wv = as_pointer(h[H_GRAD_WV]);
+    t->grad_bv = as_pointer(h[H_GRAD_BV]);
+    /* The heads' gradients train all four tensors or none, from the kept input gradients. */
+    const int heads_train = t->grad_wm || t->grad_bm || t->grad_wv || t->grad_bv;
+    if (heads_train && !(t->grad_wm && t->grad_bm && t->grad_wv && t->grad_bv && t->d_mean &&
+                         t->d_log_var))
+        return -1;
+    if ((t->d_mean == NULL) != (t->d_log_var == NULL)) return -1;
     if (t->n_hidden < 1 || t->n_latent < 1 || !t->Wm || !t->bm || !t->Wv || !t->bv || !t->mean ||
         !t->var || !t->z || !t->kl || !t->noise || !net->dz || !net->dh || !net->grad_h)
         return -1;
@@ -400,6 +458,8 @@ static int read_plan(Net *net, Py_ssize_t plan_at, Py_ssize_t plan_len, Py_ssize
         blk->out = as_pointer(f[B_OUTPUT]);
         net->dpre[k] = as_pointer(f[B_DPRE]);
         net->dx[k] = as_pointer(f[B_DX]);
+        blk->grad_w = as_pointer(f[B_GRAD_W]);
+        blk->grad_b = as_pointer(f[B_GRAD_B]);
         const int first_enc = k == 0, first_dec = k == net->n_enc;
         if (first_enc) {
             blk->x = as_pointer(h[H_FIRST]);
@@ -420,7 +480,8 @@ static int read_plan(Net *net, Py_ssize_t plan_at, Py_ssize_t plan_len, Py_ssize
             (blk->norm == NORM_AFFINE && (!blk->scale || !blk->shift)) ||
             !(blk->keep > 0.0f && blk->keep <= 1.0f) || (blk->keep < 1.0f && !blk->mask) ||
             (blk->n_cov > 0 && !blk->codes) || (first_dec && blk->n_in != t->n_latent) ||
-            (!first_enc && !first_dec && blk->n_in != net->blocks[k - 1].n_out))
+            (!first_enc && !first_dec && blk->n_in != net->blocks[k - 1].n_out) ||
+            (blk->grad_w && !blk->WT))
             return -1;
     }
     if (net->blocks[net->n_enc - 1].n_out != t->n_hidden) return -1;
@@ -472,6 +533,52 @@ static PyObject *net_forward(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+/* Reference training's weight and bias gradients of the blocks (those with grad_w or grad_b
+ * set, from their dpre and inputs) and of the latent heads (from the kept input gradients),
+ * in one parallel pass over chunks of their rows. Query training sets none of them. */
+static void weight_gradients(const Net *net, int n_threads) {
+    /* At most 64 chunks of at least 16 rows per matrix: every row is in some task. */
+    enum { CHUNK = 16, PER_MATRIX = 64, MAX_TASKS = (2 * MAX_BLOCKS + 2) * PER_MATRIX };
+    typedef struct {
+        const float *a, *b;
+        Py_ssize_t n_a, n_b, b_stride, o0, o1;
+        float *grad, *bias;
+    } Task;
+    Task tasks[MAX_TASKS];
+    int n_tasks = 0;
+    const Py_ssize_t n = net->lat.n_cells;
+    const Latent *t = &net->lat;
+    for (Py_ssize_t k = 0; k < net->n_enc + net->n_dec + 2; k++) {
+        Task base;
+        if (k < net->n_enc + net->n_dec) {
+            const Block *blk = &net->blocks[k];
+            if (!blk->grad_w && !blk->grad_b) continue;
+            base = (Task){net->dpre[k], blk->x, blk->n_out, blk->n_in, blk->x_stride, 0,
+                          blk->n_out, blk->grad_w, blk->grad_b};
+        } else {
+            if (!t->grad_wm) continue;
+            const int var = k == net->n_enc + net->n_dec + 1;
+            base = (Task){var ? t->d_log_var : t->d_mean, t->h, t->n_latent, t->n_hidden,
+                          t->n_hidden, 0, t->n_latent, var ? t->grad_wv : t->grad_wm,
+                          var ? t->grad_bv : t->grad_bm};
+        }
+        const Py_ssize_t share = (base.o1 + PER_MATRIX - 1) / PER_MATRIX;
+        const Py_ssize_t chunk = share > CHUNK ? share : CHUNK;
+        for (Py_ssize_t o = 0; o < base.o1; o += chunk) {
+            Task task = base;
+            task.o0 = o;
+            task.o1 = o + chunk < base.o1 ? o + chunk : base.o1;
+            tasks[n_tasks++] = task;
+        }
+    }
+    if (n_tasks == 0) return;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
+    for (int j = 0; j < n_tasks; j++) {
+        const Task *w = &tasks[j];
+        outer_rows(n, w->a, w->n_a, w->b, w->n_b, w->b_stride, w->o0, w->o1, w->grad, w->bias);
+    }
+}
+
 PyDoc_STRVAR(net_backward_doc,
              "net_backward(plan, plan_len, n_cells, 0, codes, n_codes, 0, out_scale, kl_scale,"
              " n_threads)\n\nFrom out_scale·grad_h at the decoder's last block back to the"
@@ -513,6 +620,7 @@ static PyObject *net_backward(PyObject *self, PyObject *args) {
     if (encoder)
         for (Py_ssize_t k = net.enc_lowest; k < ne; k++)
             covariate_gradients(&net.blocks[k], net.dpre[k]);
+    weight_gradients(&net, n_threads);
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
@@ -520,20 +628,43 @@ static PyObject *net_backward(PyObject *self, PyObject *args) {
 /* --- Adam on the trainable tensors -------------------------------------------------------- */
 
 #define ADAM_FIELDS 5 /* param, grad, exp_avg, exp_avg_sq, size */
+#define ADAM_SPLIT 65536 /* elements; smaller tensors are updated by one thread */
 
 PyDoc_STRVAR(adam_doc,
-             "adam(table, n_tensors, lr, beta1, beta2, eps, weight_decay, step)\n\n"
+             "adam(table, n_tensors, lr, beta1, beta2, eps, weight_decay, step, n_threads=1)\n\n"
              "torch.optim.Adam's update (its fused kernel's arithmetic) of float32 tensors;\n"
-             "table: ADAM_FIELDS int64 per tensor. ``step`` counts from 1.");
+             "table: ADAM_FIELDS int64 per tensor. ``step`` counts from 1. Tensors of at least\n"
+             "ADAM_SPLIT elements are split between the threads (a memory-bound pass).");
+
+typedef struct {
+    float step_size, bias2_sqrt, b1, b2, eps, wd;
+} AdamConstants;
+
+/* Elements [lo, hi) of one tensor; in the AVX-512 or AVX2 clone where the processor has it. */
+HA_CLONES
+static void adam_span(const AdamConstants *c, float *restrict p, const float *restrict g,
+                      float *restrict m, float *restrict v, int64_t lo, int64_t hi) {
+    const float step_size = c->step_size, bias2_sqrt = c->bias2_sqrt, b1 = c->b1, b2 = c->b2;
+    const float e = c->eps, wd = c->wd;
+#pragma omp simd
+    for (int64_t j = lo; j < hi; j++) {
+        const float grad = g[j] + wd * p[j];
+        m[j] += (1.0f - b1) * (grad - m[j]);
+        v[j] = b2 * v[j] + (1.0f - b2) * grad * grad;
+        p[j] -= step_size * m[j] / (sqrtf(v[j]) / bias2_sqrt + e);
+    }
+}
 
 static PyObject *adam(PyObject *self, PyObject *args) {
     Py_ssize_t table_at, n_tensors;
     double lr, beta1, beta2, eps, weight_decay;
     long long step;
+    int n_threads = 1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "nndddddL", &table_at, &n_tensors, &lr, &beta1, &beta2, &eps,
-                          &weight_decay, &step))
+    if (!PyArg_ParseTuple(args, "nndddddL|i", &table_at, &n_tensors, &lr, &beta1, &beta2, &eps,
+                          &weight_decay, &step, &n_threads))
         return NULL;
+    if (n_threads < 1) n_threads = 1;
     const int64_t *t = as_pointer(table_at);
     if (!t || n_tensors < 0 || step < 1) {
         PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastnet.adam");
@@ -548,21 +679,33 @@ static PyObject *adam(PyObject *self, PyObject *args) {
     }
     const float step_size = (float)(lr / (1.0 - pow(beta1, (double)step)));
     const float bias2_sqrt = (float)sqrt(1.0 - pow(beta2, (double)step));
-    const float b1 = (float)beta1, b2 = (float)beta2, e = (float)eps, wd = (float)weight_decay;
+    const AdamConstants c = {step_size, bias2_sqrt, (float)beta1, (float)beta2, (float)eps,
+                             (float)weight_decay};
+    Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t k = 0; k < n_tensors; k++) {
         const int64_t *f = t + k * ADAM_FIELDS;
-        float *restrict p = as_pointer(f[0]), *restrict m = as_pointer(f[2]);
-        float *restrict v = as_pointer(f[3]);
-        const float *restrict g = as_pointer(f[1]);
-#pragma omp simd
-        for (int64_t j = 0; j < f[4]; j++) {
-            const float grad = g[j] + wd * p[j];
-            m[j] += (1.0f - b1) * (grad - m[j]);
-            v[j] = b2 * v[j] + (1.0f - b2) * grad * grad;
-            p[j] -= step_size * m[j] / (sqrtf(v[j]) / bias2_sqrt + e);
+        float *p = as_pointer(f[0]), *m = as_pointer(f[2]), *v = as_pointer(f[3]);
+        const float *g = as_pointer(f[1]);
+        const int64_t size = f[4];
+        const int threads = size >= ADAM_SPLIT ? n_threads : 1;
+        if (threads == 1) {
+            adam_span(&c, p, g, m, v, 0, size);
+            continue;
+        }
+#pragma omp parallel num_threads(threads)
+        {
+#ifdef _OPENMP
+            const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
+#else
+            const int64_t part = 0, parts = 1;
+#endif
+            /* contiguous spans, cut at multiples of 16 elements (a cache line) */
+            const int64_t lo = (size * part / parts) & ~(int64_t)15;
+            const int64_t hi = part == parts - 1 ? size : (size * (part + 1) / parts) & ~(int64_t)15;
+            adam_span(&c, p, g, m, v, lo, hi);
         }
     }
-    Py_RETURN_NONE;
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {

@@ -67,6 +67,12 @@ _HEADER_FIELDS = (
     "enc_lowest",
     "dec_lowest",
     "grad_h",
+    "d_mean",
+    "d_log_var",
+    "grad_wm",
+    "grad_bm",
+    "grad_wv",
+    "grad_bv",
 )
 _BLOCK_NAMES = (
     "in",
@@ -86,6 +92,8 @@ _BLOCK_NAMES = (
     "output",
     "dpre",
     "dx",
+    "grad_w",
+    "grad_b",
 )
 _HEADER, _BLOCK_FIELDS = len(_HEADER_FIELDS), len(_BLOCK_NAMES)
 
@@ -138,6 +146,61 @@ class AdamSettings:
     beta2: float = 0.999
 
 
+class MaskSeeds:
+    """Dropout mask seeds, step after step: a counter on a base seed.
+
+    The base is drawn from torch's global generator at the first step (training seeds that
+    generator per run, so runs repeat). The C pass draws the masks (Bernoulli(1 − rate) /
+    (1 − rate) per unit, as ``nn.Dropout``) and mixes cell and unit numbers into the seed:
+    torch's ``bernoulli_`` cost ~0.1 ms a step, 4 % of the step.
+    """
+
+    def __init__(self) -> None:
+        self._base: int | None = None
+        self._count = 0
+
+    def draw(self, blocks: list[_Block]) -> list[int | None]:
+        """A fresh seed for each block whose dropout is on; None for the others."""
+        if self._base is None:
+            self._base = int(torch.randint(0, 2**62, (1,)).item())
+        out: list[int | None] = []
+        for b in blocks:
+            if b.dropout > 0.0:
+                self._count += 1
+                out.append((self._base + self._count * _SEED_STEP) % 2**64)
+            else:
+                out.append(None)
+        return out
+
+
+class AdamState:
+    """Adam's moments for float32 tensors whose ``.grad`` is set, and the C update of them."""
+
+    def __init__(self, tensors: list[torch.Tensor], settings: AdamSettings) -> None:
+        self.settings = settings
+        self._tensors = tensors  # the table points into them and their gradients
+        self._moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in tensors]
+        self._table = np.asarray(
+            [
+                [_address(p), _address(p.grad), _address(m), _address(v), p.numel()]
+                for p, (m, v) in zip(tensors, self._moments, strict=True)
+            ],
+            dtype=np.int64,
+        ).reshape(-1, 5)
+        self._at = _address(self._table)
+        self.steps = 0
+
+    def step(self) -> None:
+        """One update of every tensor from its gradient, as ``torch.optim.Adam``'s."""
+        assert _fastnet is not None
+        self.steps += 1
+        a = self.settings
+        _fastnet.adam(
+            self._at, len(self._table), a.lr, a.beta1, a.beta2, a.eps,
+            a.weight_decay, self.steps, torch.get_num_threads(),
+        )  # fmt: skip
+
+
 @dataclass
 class _Block:
     """One hidden block as the C side reads it, and its trainable columns' gradients."""
@@ -146,33 +209,52 @@ class _Block:
     n_out: int
     weight: torch.Tensor | None  # [n_in, n_out]; None: the input is the first-layer product
     bias: torch.Tensor | None
-    table: np.ndarray  # int64 [n_cov, 6]: column, ref, k_ref, added, k_new, grad
+    table: np.ndarray  # int64 [n_cov, 7]: column, ref, k_ref, added, k_new, grad, ref_grad
     trains: bool
     norm: int
     scale: torch.Tensor | None
     shift: torch.Tensor | None
     eps: float
     dropout: float
-    addresses: tuple[int, ...] = ()  # weight, bias, table, scale, shift (set after init)
+    # Reference training: the expression weight ``[n_out, n_in]`` whose transpose ``weight``
+    # copies (refreshed each step), and the gradients C writes (None: frozen, or the first
+    # block's weight, whose gradient is a product outside C).
+    source: torch.Tensor | None = None
+    grad_w: torch.Tensor | None = None
+    grad_b: torch.Tensor | None = None
+    addresses: tuple[int, ...] = ()  # weight, bias, table, scale, shift, grad_w, grad_b
 
     def __post_init__(self) -> None:
         self.addresses = tuple(
-            _address(t) for t in (self.weight, self.bias, self.table, self.scale, self.shift)
-        )
+            _address(t)
+            for t in (
+                self.weight, self.bias, self.table, self.scale, self.shift, self.grad_w,
+                self.grad_b,
+            )
+        )  # fmt: skip
+
+
+def _grad_buffer(t: torch.Tensor | None, grads: dict[int, torch.Tensor]) -> torch.Tensor | None:
+    """The gradient buffer of ``t`` in ``grads`` (by param id), made once; None if it is frozen."""
+    if t is None or not t.requires_grad:
+        return None
+    return grads.setdefault(id(t), torch.zeros_like(t))
 
 
 def _covariate_table(
     weights: list[CovariateWeight], grads: dict[int, torch.Tensor]
 ) -> tuple[np.ndarray, bool]:
-    """The C table of a block's covariate weights; gradients go into ``grads`` (by param id)."""
+    """The C table of a block's covariate weights; gradients go into ``grads`` (by param id).
+
+    Whichever columns train get a gradient: surgery's in query training, the reference's own
+    in reference training.
+    """
     rows = []
     trains = False
     for column, w in enumerate(weights):
         added = w.weight_new
-        grad = None
-        if added is not None and added.requires_grad:
-            grad = grads.setdefault(id(added), torch.zeros_like(added))
-            trains = True
+        grad, ref_grad = _grad_buffer(added, grads), _grad_buffer(w.weight, grads)
+        trains = trains or grad is not None or ref_grad is not None
         if not (_plain(w.weight) and _plain(added)):
             raise ValueError("covariate weights must be contiguous float32 CPU tensors")
         k_new = 0 if added is None else added.shape[1]
@@ -184,9 +266,10 @@ def _covariate_table(
                 _address(added),
                 k_new,
                 _address(grad),
+                _address(ref_grad),
             ]
         )
-    return np.asarray(rows, dtype=np.int64).reshape(-1, 6), trains
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 7), trains
 
 
 def _block(
@@ -205,18 +288,22 @@ def _block(
         raise ValueError("block weights must be contiguous float32 CPU tensors")
     rate = block.dropout.p if dropout and isinstance(block.dropout, nn.Dropout) else 0.0
     n_out = linear.expression.out_features
+    source = linear.expression.weight
     return _Block(
         n_in=n_out if first else linear.expression.in_features,
         n_out=n_out,
         weight=weight,
         bias=bias,
         table=table,
-        trains=trains,
+        trains=trains or source.requires_grad or linear.expression.bias.requires_grad,
         norm=kind,
         scale=scale,
         shift=shift,
         eps=eps,
         dropout=rate,
+        source=None if first or not source.requires_grad else source,
+        grad_w=None if first else _grad_buffer(source, grads),
+        grad_b=_grad_buffer(linear.expression.bias, grads),
     )
 
 
@@ -293,6 +380,52 @@ class _Inputs:
         return inputs
 
 
+def net_plan(
+    header: dict[str, int],
+    encoder: tuple[list[_Block], _State],
+    decoder: tuple[list[_Block], _State],
+) -> np.ndarray:
+    """The plan ``_fastnet`` reads: the header, then each block's fields, the encoder's first.
+
+    ``header`` names fields of :data:`_HEADER_FIELDS` (those not named are 0); ``var_eps``
+    and the block counts are set here.
+    """
+    blocks = [(b, state, k) for bs, state in (encoder, decoder) for k, b in enumerate(bs)]
+    plan = np.zeros(_HEADER + len(blocks) * _BLOCK_FIELDS, dtype=np.int64)
+    floats = plan.view(np.float64)
+    header = {**header, "enc": len(encoder[0]), "dec": len(decoder[0])}
+    for name, value in header.items():
+        plan[_HEADER_FIELDS.index(name)] = value
+    floats[_HEADER_FIELDS.index("var_eps")] = VAR_EPS
+    for j, (b, state, k) in enumerate(blocks):
+        at = _HEADER + j * _BLOCK_FIELDS
+        weight, bias, table, scale, shift, grad_w, grad_b = b.addresses
+        fields = {
+            "in": b.n_in,
+            "out": b.n_out,
+            "wt": weight,
+            "bias": bias,
+            "table": table,
+            "ncov": len(b.table),
+            "norm": b.norm,
+            "scale": scale,
+            "shift": shift,
+            "mask": state.address("mask", k),
+            "y": state.address("y", k),
+            "rstd": state.address("rstd", k),
+            "output": state.address("out", k),
+            "dpre": state.address("dpre", k),
+            "dx": state.address("dx", k),
+            "grad_w": grad_w,
+            "grad_b": grad_b,
+        }
+        for name, value in fields.items():
+            plan[at + _BLOCK_NAMES.index(name)] = value
+        floats[at + _BLOCK_NAMES.index("eps")] = b.eps
+        floats[at + _BLOCK_NAMES.index("keep")] = 1.0 - b.dropout
+    return plan
+
+
 def _lowest_trainable(blocks: list[_Block]) -> int | None:
     """Index of the block nearest the input with trainable columns (None: none train)."""
     return next((k for k, b in enumerate(blocks) if b.trains), None)
@@ -337,17 +470,7 @@ class QueryStep:
             p.grad = grads[id(p)]
             if not p.is_contiguous():
                 raise ValueError("trainable tensors must be contiguous")
-        # Adam's moments, and the table the C update reads them from.
-        self._moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.trainable]
-        self._adam_table = np.asarray(
-            [
-                [_address(p), _address(p.grad), _address(m), _address(v), p.numel()]
-                for p, (m, v) in zip(self.trainable, self._moments, strict=True)
-            ],
-            dtype=np.int64,
-        ).reshape(-1, 5)
-        self._adam_steps = 0
-        self._adam_at = _address(self._adam_table)
+        self._adam = AdamState(self.trainable, adam)
         # Both gene-wide heads as one frozen product; their biases go to the C core.
         self.zinb = model.config.likelihood == "zinb"
         self.n_genes = model.config.n_genes
@@ -372,8 +495,7 @@ class QueryStep:
         self._cores: dict[int, native.PreparedCore] = {}  # the core on those buffers
         self._inputs: dict[int, _Inputs] = {}
         self._products: dict[int, tuple[Callable[[], torch.Tensor], ...]] = {}  # bound heads
-        self._seed_base: int | None = None
-        self._seed_count = 0
+        self._seeds = MaskSeeds()
 
     def _buffers(self, n: int) -> tuple[_State, _State, dict[str, torch.Tensor]]:
         """Buffers for ``n`` cells, made once per minibatch size."""
@@ -423,15 +545,9 @@ class QueryStep:
 
     def _plan(self, n: int, enc: _State, dec: _State, lat: dict[str, torch.Tensor]) -> np.ndarray:
         """The network as ``_fastnet`` reads it for ``n`` cells (its header and block layout)."""
-        blocks = [(b, enc, k) for k, b in enumerate(self.encoder)]
-        blocks += [(b, dec, k) for k, b in enumerate(self.decoder)]
-        plan = np.zeros(_HEADER + len(blocks) * _BLOCK_FIELDS, dtype=np.int64)
-        floats = plan.view(np.float64)
         enc_lowest = _lowest_trainable(self.encoder)
         header = {
             "cells": n,
-            "enc": len(self.encoder),
-            "dec": len(self.decoder),
             "hidden": self.n_hidden,
             "latent": self.n_latent,
             "first": _address(self.first_expression),
@@ -442,34 +558,7 @@ class QueryStep:
             "dec_lowest": 0 if enc_lowest is not None else _lowest_trainable(self.decoder) or 0,
             "grad_h": _address(lat["grad_h"]),
         }
-        for name, value in header.items():
-            plan[_HEADER_FIELDS.index(name)] = value
-        floats[_HEADER_FIELDS.index("var_eps")] = VAR_EPS
-        for j, (b, state, k) in enumerate(blocks):
-            at = _HEADER + j * _BLOCK_FIELDS
-            weight, bias, table, scale, shift = b.addresses
-            fields = {
-                "in": b.n_in,
-                "out": b.n_out,
-                "wt": weight,
-                "bias": bias,
-                "table": table,
-                "ncov": len(b.table),
-                "norm": b.norm,
-                "scale": scale,
-                "shift": shift,
-                "mask": state.address("mask", k),
-                "y": state.address("y", k),
-                "rstd": state.address("rstd", k),
-                "output": state.address("out", k),
-                "dpre": state.address("dpre", k),
-                "dx": state.address("dx", k),
-            }
-            for name, value in fields.items():
-                plan[at + _BLOCK_NAMES.index(name)] = value
-            floats[at + _BLOCK_NAMES.index("eps")] = b.eps
-            floats[at + _BLOCK_NAMES.index("keep")] = 1.0 - b.dropout
-        return plan
+        return net_plan(header, (self.encoder, enc), (self.decoder, dec))
 
     def _fill_seeds(self, seeds: np.ndarray) -> None:
         """Each block's mask seed into ``seeds`` (0 where its dropout is off)."""
@@ -477,23 +566,8 @@ class QueryStep:
             seeds[k] = seed or 0
 
     def _dropout_seeds(self, blocks: list[_Block]) -> list[int | None]:
-        """A mask seed for each block whose dropout is on: a counter on a base seed.
-
-        The base is drawn from torch's global generator at the first step (training seeds
-        that generator per run, so runs repeat). The C pass draws the masks (Bernoulli(1 −
-        rate) / (1 − rate) per unit, as ``nn.Dropout``) and mixes cell and unit numbers into
-        the seed: torch's ``bernoulli_`` cost ~0.1 ms a step, 4 % of the step.
-        """
-        if self._seed_base is None:
-            self._seed_base = int(torch.randint(0, 2**62, (1,)).item())
-        out: list[int | None] = []
-        for b in blocks:
-            if b.dropout > 0.0:
-                self._seed_count += 1
-                out.append((self._seed_base + self._seed_count * _SEED_STEP) % 2**64)
-            else:
-                out.append(None)
-        return out
+        """A mask seed for each block whose dropout is on (:class:`MaskSeeds`)."""
+        return self._seeds.draw(blocks)
 
     def _heads(self, n: int, batch: Minibatch, library: np.ndarray) -> torch.Tensor:
         """The gene-wide heads and the likelihood of ``n`` cells: per-cell NLL, its gradient.
@@ -556,18 +630,7 @@ class QueryStep:
         _fastnet.net_forward(*common, inputs.seeds_at, 0.0, 0.0, threads)
         self._heads(n, batch, inputs.library)
         _fastnet.net_backward(*common, 0, 1.0 / n, kl_weight / n, threads)
-        self._adam_steps += 1
-        a = self.adam
-        _fastnet.adam(
-            self._adam_at,
-            len(self._adam_table),
-            a.lr,
-            a.beta1,
-            a.beta2,
-            a.eps,
-            a.weight_decay,
-            self._adam_steps,
-        )
+        self._adam.step()
         gamma = float(inputs.log_gamma.sum())
         reconstruction = (float(inputs.nll.sum(dtype=np.float64)) - gamma) / n
         kl = float(inputs.kl.sum(dtype=np.float64)) / n

@@ -215,11 +215,13 @@ def _core_arguments(
 
 
 class PreparedCore:
-    """:func:`native_core` on buffers that stay the same from call to call (query training).
+    """:func:`native_core` on buffers that stay the same from call to call (training).
 
     The logits, the dispersion, the biases and the outputs are checked once, here; each call
     passes only what changes, a minibatch's CSR rows and library sizes, to the C core. A
     query step spent ~35 µs (2 %) in :func:`native_core`'s checks and argument building.
+    ``grad_lt``, when given, receives the per-cell gradient in ``log θ`` (reference training,
+    whose θ changes in place in the buffer given).
     """
 
     def __init__(
@@ -233,6 +235,7 @@ class PreparedCore:
         bias_a: torch.Tensor | None,
         bias_p: torch.Tensor | None,
         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        grad_lt: torch.Tensor | None = None,
     ) -> None:
         if _fastcore is None or a.dim() != 2 or not _rows_dense(a, (a.shape[0], a.shape[1])):
             raise ValueError("the C core needs float32 CPU logits with contiguous rows")
@@ -243,15 +246,20 @@ class PreparedCore:
             for t in (theta, log_theta):
                 if not (_contiguous(t) and tuple(t.shape) in ((n_genes,), (n_cells, n_genes))):
                     raise ValueError("θ must be contiguous float32, per gene or per cell")
+        if grad_lt is not None and (
+            theta is None
+            or not (_contiguous(grad_lt) and tuple(grad_lt.shape) == (n_cells, n_genes))
+        ):
+            raise ValueError("grad_lt must be contiguous float32 [n_cells, n_genes], with θ")
         self.n_cells, self.n_genes = n_cells, n_genes
         self.nll = out[0]
-        self._keep = (a, p, theta, log_theta, bias_a, bias_p, out)  # the addresses below
+        self._keep = (a, p, theta, log_theta, bias_a, bias_p, out, grad_lt)  # the addresses
         # The last matrix read: its arrays (kept, so their memory stays put) and its verdict.
         self._matrix: tuple[tuple[np.ndarray, ...], tuple[int, int], tuple[int, ...]] | None = None
         self._dtypes: tuple[np.dtype, ...] = ()
         self._arguments = _core_arguments(
             a, p, None, None, theta, log_theta, zinb=zinb, bias_a=bias_a, bias_p=bias_p,
-            csr_args=None, out=out, grad_lt=None,
+            csr_args=None, out=out, grad_lt=grad_lt,
         )  # fmt: skip
 
     def __call__(

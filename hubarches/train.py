@@ -27,6 +27,7 @@ from hubarches.fastlik import (
     stored_log_gamma,
 )
 from hubarches.fastnet import AdamSettings, query_step
+from hubarches.fastref import reference_step
 from hubarches.model import CVAE, LossTerms
 from hubarches.optim import Adam
 from hubarches.surgery import freeze_reference, new_parameters
@@ -284,6 +285,13 @@ def train_reference(
 
     factorial = data_log_factorial(counts).to(device)
     log_library = _log_library(library).to(device)
+    fused = reference_step(
+        model,
+        codes_t,
+        log_library=log_library,
+        factorial=factorial,
+        adam=AdamSettings(lr=options.lr, eps=options.adam_eps, weight_decay=options.weight_decay),
+    )
 
     def step_loss(rows: np.ndarray, batch: Minibatch, generator: torch.Generator) -> LossTerms:
         index = torch.as_tensor(rows, device=device)
@@ -308,6 +316,7 @@ def train_reference(
             options,
             set_mode=model.train,
             progress=progress,
+            fused=fused,
         )
     model.trained.fill_(True)
     return history

@@ -8,34 +8,21 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from stepcheck import FROZEN, FixedMask, needs_c
 from torch import nn
 
 from hubarches import fastnet, native
 from hubarches import train as train_module
 from hubarches.batching import CountMatrix, Minibatch
 from hubarches.config import ModelConfig, TrainOptions
-from hubarches.fastnet import AdamSettings, QueryStep, query_step
+from hubarches.fastnet import QueryStep, query_step
 from hubarches.model import CVAE, build_model
 from hubarches.surgery import grow, new_parameters
 from hubarches.train import _log_library, first_layer_expression, frozen_log_gamma, train_query
 
-pytestmark = pytest.mark.skipif(
-    fastnet._fastnet is None or not native.available(), reason="C extension not built"
-)
+pytestmark = needs_c
 
 N_CELLS, N_GENES = 24, 40
-FROZEN = AdamSettings(lr=0.0, eps=0.01)  # the step's update leaves the tensors as they are
-
-
-class _FixedMask(nn.Module):
-    """Dropout with a given (scaled) mask, so the reference sees the step's draws."""
-
-    def __init__(self, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.mask = mask
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h * self.mask
 
 
 def _grown(cfg: ModelConfig, *, seed: int = 0) -> CVAE:
@@ -78,7 +65,7 @@ def _plain_gradients(
     """Loss terms and gradients of surgery's tensors through autograd in float64."""
     ref = copy.deepcopy(ext).double()
     for block, mask in zip(ref.encoder.mlp.blocks, masks, strict=True):
-        block.dropout = nn.Identity() if mask is None else _FixedMask(mask.double())
+        block.dropout = nn.Identity() if mask is None else FixedMask(mask.double())
     ref.draw_noise = lambda n, *, generator, like: noise.double()  # type: ignore[method-assign]
     terms = ref.plain_loss(x.double(), codes)
     loss = terms.total(kl_weight)

@@ -1,0 +1,317 @@
+"""Reference training's step by hand, as query training's (:mod:`hubarches.fastnet`).
+
+Reference training changes every tensor, so a step needs every gradient. Through autograd it
+spent about a third of its time on two cores in ~100 small operations and their bookkeeping.
+Here a step is a dozen calls: the encoder's first product (``torch.addmm``), the small network
+forward in C (``hubarches._fastnet``, dropout masks drawn there), the decoder's two gene-wide
+heads on hubarches' kernels and the likelihood's C core (which also gives the gradient in
+``log θ``), the log-gamma terms of the stored counts in C, the small network backward in C
+with every block's and latent head's weight gradient, the heads' and the first layer's weight
+gradients as two products, and Adam in C. For the same noise and masks the loss and every
+gradient are autograd's to float rounding (``tests/test_fastref.py``).
+
+Used for float32 CPU models with one dispersion per gene and layer norm without affine
+parameters (or none); :func:`reference_step` returns None elsewhere (a GPU, batch norm, whose
+batch statistics train, gene-batch dispersion, no C extension) and autograd runs the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hubarches import native
+from hubarches.batching import Minibatch
+from hubarches.fastlik import _theta_log_gamma, row_sums
+from hubarches.fastnet import (
+    _NORM_AFFINE,
+    AdamSettings,
+    AdamState,
+    MaskSeeds,
+    _address,
+    _block,
+    _fastnet,
+    _grad_buffer,
+    _plain,
+    _State,
+    _state,
+    net_plan,
+)
+from hubarches.gemm import times, times_transposed, transposed_times
+from hubarches.model import CVAE
+
+__all__ = ["ReferenceStep", "reference_step"]
+
+
+@dataclass
+class _Buffers:
+    """One minibatch size's buffers, plan and prepared core, reused step after step."""
+
+    enc: _State
+    dec: _State
+    lat: dict[str, torch.Tensor]
+    plan: np.ndarray
+    core: native.PreparedCore
+    rows: np.ndarray  # int64 [n]: 0..n-1, the first product's rows in C
+    codes: np.ndarray  # int64 [n, n_covariates]
+    library: np.ndarray  # float32 [n], log library sizes
+    factorial: np.ndarray  # float64 [n], Σ log Γ(x+1)
+    seeds: np.ndarray  # uint64, one per block
+    weights: torch.Tensor  # float32 [n], 1/n: the log-gamma gradient's cell weights
+    common: tuple[int, ...] = ()  # _fastnet's leading arguments
+
+
+class ReferenceStep:
+    """One reference-training step: a minibatch's loss, every gradient, and Adam's update.
+
+    Built by :func:`reference_step`. The gradients are left in the parameters' ``.grad``
+    (buffers set once here) after each step.
+    """
+
+    def __init__(
+        self,
+        model: CVAE,
+        codes: torch.Tensor,
+        *,
+        log_library: torch.Tensor,
+        factorial: torch.Tensor,
+        adam: AdamSettings,
+    ) -> None:
+        assert _fastnet is not None
+        self.model = model  # keeps alive every tensor the plans point into
+        self.codes = np.ascontiguousarray(codes.numpy(), dtype=np.int64)
+        self.log_library = np.ascontiguousarray(log_library.numpy(), dtype=np.float32)
+        self.factorial = np.ascontiguousarray(factorial.numpy(), dtype=np.float64)
+        grads: dict[int, torch.Tensor] = {}
+        enc, dec = model.encoder, model.decoder
+        self.encoder = [
+            _block(b, grads, first=k == 0, dropout=True) for k, b in enumerate(enc.mlp.blocks)
+        ]
+        self.decoder = [_block(b, grads, first=False, dropout=True) for b in dec.mlp.blocks]
+        if any(b.norm == _NORM_AFFINE for b in self.encoder + self.decoder):
+            raise ValueError("batch norm trains on batch statistics: autograd runs the step")
+        # Blocks whose transposed weight C reads: refreshed from the parameter each step.
+        self._refreshed = [b for b in self.encoder + self.decoder if b.source is not None]
+        first = enc.mlp.blocks[0].linear.expression
+        self.w1, self.b1 = first.weight.detach(), first.bias.detach()
+        self.grad_w1 = _grad_buffer(first.weight, grads)
+        latent = (enc.mean.weight, enc.mean.bias, enc.log_var.weight, enc.log_var.bias)
+        self.latent = tuple(t.detach() for t in latent)
+        self.latent_grads = tuple(_grad_buffer(t, grads) for t in latent)
+        # The heads' weights as one stacked pair, read in place; their gradients side by side.
+        self.zinb = dec.dropout_logits is not None
+        heads = [dec.scale] + ([dec.dropout_logits] if dec.dropout_logits is not None else [])
+        self.n_genes, self.n_hidden = dec.scale.weight.shape
+        self.n_latent = model.config.n_latent
+        width = self.n_genes * len(heads)
+        self.heads_w = tuple(h.weight.detach() for h in heads)
+        self.grad_heads_w = torch.zeros(width, self.n_hidden)
+        self.grad_heads_b = torch.zeros(width)
+        for k, h in enumerate(heads):
+            part = slice(k * self.n_genes, (k + 1) * self.n_genes)
+            grads[id(h.weight)] = self.grad_heads_w[part]
+            grads[id(h.bias)] = self.grad_heads_b[part]
+        self.b_a = dec.scale.bias.detach()
+        self.b_p = None if dec.dropout_logits is None else dec.dropout_logits.bias.detach()
+        dispersion = model.dispersion
+        if not isinstance(dispersion, torch.nn.Parameter) or dispersion.dim() != 1:
+            raise ValueError("the hand-written step takes one dispersion per gene")
+        self.log_theta = dispersion.detach()
+        self.theta = torch.empty_like(self.log_theta)
+        self.grad_log_theta = grads.setdefault(id(dispersion), torch.zeros_like(dispersion))
+        parameters = list(model.parameters())
+        if {id(p) for p in parameters} != set(grads) or not all(
+            p.requires_grad and _plain(p) for p in parameters
+        ):
+            raise ValueError("the hand-written step covers every tensor of this model only")
+        for p in parameters:
+            p.grad = grads[id(p)]
+        self._grads = grads
+        self._adam = AdamState(parameters, adam)
+        self._seeds = MaskSeeds()
+        self._buffers: dict[int, _Buffers] = {}
+
+    def buffers(self, n: int) -> _Buffers:
+        """The buffers for ``n`` cells, made at the first minibatch of that size."""
+        if n not in self._buffers:
+            self._buffers[n] = self._make_buffers(n)
+        return self._buffers[n]
+
+    def _make_buffers(self, n: int) -> _Buffers:
+        """Buffers, plan and core for ``n`` cells."""
+        lat = {k: torch.empty(n, self.n_latent)
+               for k in ("mean", "var", "z", "dz", "noise", "d_mean", "d_log_var")}  # fmt: skip
+        width = self.grad_heads_w.shape[0]
+        lat.update(
+            kl=torch.empty(n),
+            nll=torch.empty(n),
+            dh=torch.empty(n, self.n_hidden),
+            grad_h=torch.empty(n, self.n_hidden),
+            first=torch.empty(n, self.n_hidden),
+            h_scaled=torch.empty(n, self.n_hidden),
+            heads=torch.empty(n, width),
+            grad_heads=torch.empty(n, width),
+            grad_lt=torch.empty(n, self.n_genes),
+        )
+        enc, dec = _state(self.encoder, n), _state(self.decoder, n)
+        g = self.n_genes
+        header = {
+            "cells": n,
+            "hidden": self.n_hidden,
+            "latent": self.n_latent,
+            "first": _address(lat["first"]),
+            "first_stride": self.n_hidden,
+            **dict(zip(("wm", "bm", "wv", "bv"), map(_address, self.latent), strict=True)),
+            **{k: _address(lat[k]) for k in ("mean", "var", "z", "kl", "dz", "dh", "noise")},
+            "enc_lowest": 0,
+            "dec_lowest": 0,
+            "grad_h": _address(lat["grad_h"]),
+            "d_mean": _address(lat["d_mean"]),
+            "d_log_var": _address(lat["d_log_var"]),
+        }
+        names = ("grad_wm", "grad_bm", "grad_wv", "grad_bv")
+        header.update(zip(names, map(_address, self.latent_grads), strict=True))
+        plan = net_plan(header, (self.encoder, enc), (self.decoder, dec))
+        heads, grads = lat["heads"], lat["grad_heads"]
+        core = native.PreparedCore(
+            heads[:, :g],
+            heads[:, g:] if self.zinb else None,
+            self.theta,
+            self.log_theta,
+            zinb=self.zinb,
+            bias_a=self.b_a,
+            bias_p=self.b_p,
+            out=(lat["nll"], grads[:, :g], grads[:, g:] if self.zinb else None),
+            grad_lt=lat["grad_lt"],
+        )
+        buffers = _Buffers(
+            enc=enc,
+            dec=dec,
+            lat=lat,
+            plan=plan,
+            core=core,
+            rows=np.arange(n, dtype=np.int64),
+            codes=np.zeros((n, self.codes.shape[1]), dtype=np.int64),
+            library=np.zeros(n, dtype=np.float32),
+            factorial=np.zeros(n, dtype=np.float64),
+            seeds=np.zeros(len(self.encoder) + len(self.decoder), dtype=np.uint64),
+            weights=torch.full((n,), 1.0 / n),
+        )
+        buffers.common = (
+            _address(plan), len(plan), n, _address(buffers.rows), _address(buffers.codes),
+            self.codes.shape[1],
+        )  # fmt: skip
+        return buffers
+
+    def _likelihood(self, b: _Buffers, batch: Minibatch) -> None:
+        """The heads' products and the C core on them: NLL and gradients into ``b``'s buffers."""
+        lat = b.lat
+        times_transposed(b.dec.out[-1], self.heads_w, lat["heads"])
+        stored = batch.stored
+        if stored is not None and b.core.reads(stored.csr):
+            b.core(stored.csr, stored.rows, b.library)
+            return
+        g, heads, grads = self.n_genes, lat["heads"], lat["grad_heads"]
+        _, _, _, grad_lt = native.native_core(
+            heads[:, :g],
+            heads[:, g:] if self.zinb else None,
+            batch.x,
+            torch.from_numpy(b.library),
+            self.theta,
+            self.log_theta,
+            zinb=self.zinb,
+            want_theta=True,
+            bias_a=self.b_a,
+            bias_p=self.b_p,
+            out=(lat["nll"], grads[:, :g], grads[:, g:] if self.zinb else None),
+        )
+        assert grad_lt is not None
+        lat["grad_lt"].copy_(grad_lt)
+
+    def _log_gamma(self, b: _Buffers, batch: Minibatch, n: int) -> tuple[float, torch.Tensor]:
+        """``Σ_i Σ_g log Γ(x+θ) − log Γ(θ)`` over the stored counts, and its θ-gradient / n."""
+        stored = batch.stored
+        if stored is not None and native.csr_supported(stored.csr):
+            value = native.theta_log_gamma(stored.csr, stored.rows, self.theta)
+            grad = native.theta_log_gamma_grad(stored.csr, stored.rows, self.theta, b.weights)
+            return float(value.sum(dtype=torch.float64)), grad
+        theta = self.theta.clone().requires_grad_(True)
+        rows, cols, values = batch.nonzero
+        with torch.enable_grad():
+            total = row_sums(_theta_log_gamma(theta, rows, cols, values), rows, n).sum()
+            (grad,) = torch.autograd.grad(total, theta)
+        return float(total.detach()), grad / n
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        rows: np.ndarray,
+        batch: Minibatch,
+        generator: torch.Generator | None,
+        kl_weight: float,
+    ) -> tuple[float, float, float]:
+        """One training step: every gradient of the minibatch's mean loss, then Adam's update.
+
+        Returns ``(loss, mean reconstruction loss, mean KL)``, summed in float64.
+        """
+        assert _fastnet is not None
+        n = len(rows)
+        b = self.buffers(n)
+        lat = b.lat
+        # np.take raises for rows outside the data before any C pass reads them.
+        np.take(self.codes, rows, axis=0, out=b.codes)
+        np.take(self.log_library, rows, out=b.library)
+        np.take(self.factorial, rows, out=b.factorial)
+        threads = torch.get_num_threads()
+        for blk in self._refreshed:
+            assert blk.weight is not None
+            assert blk.source is not None
+            blk.weight.copy_(blk.source.detach().t())
+        torch.exp(self.log_theta, out=self.theta)
+        x_log = batch.x_log
+        torch.addmm(self.b1, x_log, self.w1.t(), out=lat["first"])
+        torch.randn(lat["noise"].shape, generator=generator, out=lat["noise"])
+        for k, seed in enumerate(self._seeds.draw(self.encoder + self.decoder)):
+            b.seeds[k] = seed or 0
+        _fastnet.net_forward(*b.common, _address(b.seeds), 0.0, 0.0, threads)
+        self._likelihood(b, batch)
+        h, grads = b.dec.out[-1], lat["grad_heads"]
+        times(grads, self.heads_w, lat["grad_h"])
+        torch.mul(h, 1.0 / n, out=lat["h_scaled"])
+        transposed_times(grads, lat["h_scaled"], self.grad_heads_w)
+        torch.sum(grads, 0, out=self.grad_heads_b).mul_(1.0 / n)
+        log_gamma, grad_theta = self._log_gamma(b, batch, n)
+        torch.sum(lat["grad_lt"], 0, out=self.grad_log_theta).mul_(1.0 / n)
+        self.grad_log_theta.sub_(grad_theta.mul_(self.theta))
+        _fastnet.net_backward(*b.common, 0, 1.0 / n, kl_weight / n, threads)
+        if self.grad_w1 is not None:
+            torch.mm(b.enc.dpre[0].t(), x_log, out=self.grad_w1)
+        self._adam.step()
+        nll = float(lat["nll"].sum(dtype=torch.float64))
+        reconstruction = (nll - log_gamma + float(b.factorial.sum())) / n
+        kl = float(lat["kl"].sum(dtype=torch.float64)) / n
+        return reconstruction + kl_weight * kl, reconstruction, kl
+
+
+def reference_step(
+    model: CVAE,
+    codes: torch.Tensor,
+    *,
+    log_library: torch.Tensor,
+    factorial: torch.Tensor,
+    adam: AdamSettings,
+) -> ReferenceStep | None:
+    """A :class:`ReferenceStep` for this fresh model, or None where it cannot run."""
+    if _fastnet is None or not native.available():
+        return None
+    tensors = [log_library, factorial, *model.parameters(), *model.buffers()]
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        return None
+    try:
+        return ReferenceStep(model, codes, log_library=log_library, factorial=factorial, adam=adam)
+    except ValueError:  # a layer the C side does not evaluate: autograd runs the step
+        return None
