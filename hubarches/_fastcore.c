@@ -719,11 +719,18 @@ static double row_terms(const CsrRows *m, Py_ssize_t i, const float *restrict ta
                : row_pass(m, i, table, w, own, n_bad, 0, 0);
 }
 
-/* Returns 0, 1 when out of memory, 2 when a column index lies outside the matrix. */
-static int theta_lgamma_run(const CsrRows *m, const float *weights, float *out, int n_threads) {
+/* ``weights`` NULL: ``out`` gets the per-row sums. Otherwise ``out`` gets the per-gene
+ * gradient and, when ``values`` is given, ``values`` the per-row sums, from the same pass over
+ * the rows (each row is read twice while it is in the cache: a training step needs both).
+ * Returns 0, 1 when out of memory, 2 when a column index lies outside the matrix. */
+static int theta_lgamma_run(const CsrRows *m, const float *weights, float *out, float *values,
+                            int n_threads) {
     const Py_ssize_t G = m->n_cols;
     const int grad = weights != NULL;
-    float *table = malloc(sizeof(float) * (size_t)G * LG_ROWS);
+    float *row_out = grad ? values : out;
+    const size_t table_size = (size_t)G * LG_ROWS;
+    float *table = malloc(sizeof(float) * table_size * (grad && row_out ? 2 : 1));
+    float *log_table = table, *recip_table = grad && row_out ? table + table_size : table;
     double *acc = malloc(sizeof(double) * (size_t)G);
     double *sums = grad ? calloc((size_t)G * (size_t)n_threads, sizeof(double)) : NULL;
     if (!table || !acc || (grad && !sums)) {
@@ -735,7 +742,8 @@ static int theta_lgamma_run(const CsrRows *m, const float *weights, float *out, 
     int64_t n_bad = 0;
 #pragma omp parallel num_threads(n_threads) reduction(+ : n_bad)
     {
-        build_table(m->theta, G, grad, table, acc);
+        if (row_out) build_table(m->theta, G, 0, log_table, acc);
+        if (grad) build_table(m->theta, G, 1, recip_table, acc);
 #ifdef _OPENMP
         double *own = grad ? sums + (size_t)G * (size_t)omp_get_thread_num() : NULL;
 #else
@@ -743,9 +751,8 @@ static int theta_lgamma_run(const CsrRows *m, const float *weights, float *out, 
 #endif
 #pragma omp for schedule(static)
         for (Py_ssize_t i = 0; i < m->n_rows; i++) {
-            const double sum =
-                row_terms(m, i, table, grad ? (double)weights[i] : 0.0, own, &n_bad);
-            if (!grad) out[i] = (float)sum;
+            if (row_out) row_out[i] = (float)row_terms(m, i, log_table, 0.0, NULL, &n_bad);
+            if (grad) row_terms(m, i, recip_table, (double)weights[i], own, &n_bad);
         }
         if (grad) {
 #pragma omp for schedule(static)
@@ -764,19 +771,20 @@ static int theta_lgamma_run(const CsrRows *m, const float *weights, float *out, 
 
 PyDoc_STRVAR(theta_lgamma_doc,
              "theta_lgamma(n_rows, n_cols, indptr, indptr_64, indices, indices_64, data, rows,"
-             " theta, weights, out, n_threads)\n\n"
+             " theta, weights, out, n_threads, values=0)\n\n"
              "With weights 0: out[i] = Σ log Γ(x+θ) − log Γ(θ) over row i's stored counts.\n"
-             "Otherwise: out[g] = Σ_i weights[i] Σ ψ(x+θ_g) − ψ(θ_g) (the gradient in θ).\n"
+             "Otherwise: out[g] = Σ_i weights[i] Σ ψ(x+θ_g) − ψ(θ_g) (the gradient in θ), and\n"
+             "values (when not 0) gets the sums above, in the same pass.\n"
              "rows (int64) may be 0 for rows 0..n_rows-1.");
 
 static PyObject *theta_lgamma(PyObject *self, PyObject *args) {
     CsrRows m;
-    Py_ssize_t indptr, indices, data, rows, theta, weights, out;
+    Py_ssize_t indptr, indices, data, rows, theta, weights, out, values = 0;
     int n_threads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnnininnnnni", &m.n_rows, &m.n_cols, &indptr, &m.indptr_64,
+    if (!PyArg_ParseTuple(args, "nnnininnnnni|n", &m.n_rows, &m.n_cols, &indptr, &m.indptr_64,
                           &indices, &m.indices_64, &data, &rows, &theta, &weights, &out,
-                          &n_threads))
+                          &n_threads, &values))
         return NULL;
     if (m.n_rows < 0 || m.n_cols < 1 || !indptr || !indices || !data || !theta || !out) {
         PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastcore.theta_lgamma");
@@ -786,7 +794,7 @@ static PyObject *theta_lgamma(PyObject *self, PyObject *args) {
     if (n_threads < 1) n_threads = 1;
     int failed;
     Py_BEGIN_ALLOW_THREADS failed = theta_lgamma_run(&m, as_pointer(weights), as_pointer(out),
-                                                     n_threads);
+                                                     as_pointer(values), n_threads);
     Py_END_ALLOW_THREADS if (failed == 2) {
         PyErr_SetString(PyExc_ValueError, "column indices lie outside the matrix");
         return NULL;

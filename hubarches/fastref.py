@@ -234,8 +234,10 @@ class ReferenceStep:
         """``Σ_i Σ_g log Γ(x+θ) − log Γ(θ)`` over the stored counts, and its θ-gradient / n."""
         stored = batch.stored
         if stored is not None and native.csr_supported(stored.csr):
-            value = native.theta_log_gamma(stored.csr, stored.rows, self.theta)
-            grad = native.theta_log_gamma_grad(stored.csr, stored.rows, self.theta, b.weights)
+            value, grad = native.theta_log_gamma_with_grad(
+                stored.csr, stored.rows, self.theta, b.weights
+            )
+            assert value is not None
             return float(value.sum(dtype=torch.float64)), grad
         theta = self.theta.clone().requires_grad_(True)
         rows, cols, values = batch.nonzero

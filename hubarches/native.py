@@ -32,6 +32,7 @@ __all__ = [
     "supports",
     "theta_log_gamma",
     "theta_log_gamma_grad",
+    "theta_log_gamma_with_grad",
 ]
 
 NATIVE_ENV = "HUBARCHES_NATIVE"
@@ -393,6 +394,7 @@ def _theta_lgamma_call(
     theta: torch.Tensor,
     weights: torch.Tensor | None,
     out: torch.Tensor,
+    values: torch.Tensor | None = None,
 ) -> None:
     """One call of the C log-gamma pass; ``rows`` None means every row, in order."""
     assert _fastcore is not None
@@ -405,6 +407,7 @@ def _theta_lgamma_call(
         0 if weights is None else weights.data_ptr(),
         out.data_ptr(),
         torch.get_num_threads(),
+        0 if values is None else values.data_ptr(),
     )
 
 
@@ -426,10 +429,26 @@ def theta_log_gamma_grad(
     csr: sp.csr_matrix, rows: np.ndarray | None, theta: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
     """Per gene, ``Σ_i w_i Σ ψ(x_ig+θ_g) − ψ(θ_g)``: the θ-gradient of ``Σ_i w_i`` × the above."""
+    return theta_log_gamma_with_grad(csr, rows, theta, weights, values=False)[1]
+
+
+def theta_log_gamma_with_grad(
+    csr: sp.csr_matrix,
+    rows: np.ndarray | None,
+    theta: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    values: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """:func:`theta_log_gamma` (when ``values``) and :func:`theta_log_gamma_grad` in one pass.
+
+    A training step needs both; each row is then read once from memory, not twice.
+    """
     n_rows = csr.shape[0] if rows is None else len(rows)
     if not _contiguous(weights) or tuple(weights.shape) != (n_rows,):
         raise ValueError(f"weights must be a contiguous float32 CPU vector of {n_rows} rows")
-    out = torch.zeros(csr.shape[1], dtype=torch.float32)
+    grad = torch.zeros(csr.shape[1], dtype=torch.float32)
+    sums = torch.zeros(n_rows, dtype=torch.float32) if values else None
     if n_rows:
-        _theta_lgamma_call(csr, rows, theta, weights, out)
-    return out
+        _theta_lgamma_call(csr, rows, theta, weights, grad, sums)
+    return sums, grad

@@ -280,6 +280,10 @@ def test_theta_log_gamma_and_its_gradient_equal_lgamma(index_dtype: type) -> Non
     torch.testing.assert_close(
         every.double(), _plain_log_gamma(csr, np.arange(40), theta), rtol=1e-6, atol=1e-3
     )
+    both, grad = native.theta_log_gamma_with_grad(csr, rows, theta.float(), weights)
+    assert both is not None
+    assert torch.equal(both, fast)  # the one pass gives what the two separate ones give
+    assert torch.equal(grad, got)
 
 
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
@@ -325,6 +329,8 @@ def test_theta_log_gamma_refuses_columns_outside_the_matrix() -> None:
         native.theta_log_gamma(bad, np.array([1]), theta)
     with pytest.raises(ValueError, match="outside the matrix"):
         native.theta_log_gamma_grad(bad, np.array([0, 1]), theta, torch.ones(2))
+    with pytest.raises(ValueError, match="outside the matrix"):
+        native.theta_log_gamma_with_grad(bad, np.array([0, 1]), theta, torch.ones(2))
     with pytest.raises(ValueError, match="θ must be"):
         native.theta_log_gamma(_matrix(np.int32), np.array([1]), torch.ones(32))
 
