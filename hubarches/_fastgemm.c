@@ -186,6 +186,37 @@ HA_INLINE HA_AVX2 void tile_nn2(int mr, Py_ssize_t n0, Py_ssize_t n1, const floa
 #define HA_AVX2_TILES(R) HA_INSTANCES(2, HA_AVX2, tile_nt2, tile_nn2, R)
 HA_CASES2(HA_AVX2_TILES)
 
+/* dst[c * ld + j] = rows[j][kk0 + c] for j, c in [0, 8): an 8 x 8 block transposed in
+ * registers (unpack, shuffle, swap of 128-bit halves). */
+HA_INLINE HA_AVX2 void transpose8(const float *const rows[8], Py_ssize_t kk0, float *dst,
+                                  Py_ssize_t ld) {
+    __m256 r[8], t[8], u[8];
+    for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_ps(rows[j] + kk0);
+    for (int j = 0; j < 8; j += 2) {
+        t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
+        t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
+    }
+    for (int h = 0; h < 8; h += 4) { /* rows h..h+3: columns {0,4}, {1,5}, {2,6}, {3,7} */
+        u[h] = _mm256_shuffle_ps(t[h], t[h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int c = 0; c < 4; c++) {
+        _mm256_storeu_ps(dst + c * ld, _mm256_permute2f128_ps(u[c], u[c + 4], 0x20));
+        _mm256_storeu_ps(dst + (c + 4) * ld, _mm256_permute2f128_ps(u[c], u[c + 4], 0x31));
+    }
+}
+
+/* One full panel of pack_rows (P rows of B, P a multiple of 8, k a multiple of 8) in 8 x 8
+ * blocks: the scalar loop's scattered stores had run at a seventh of a copy's rate, a
+ * quarter of a reference step's forward product. */
+HA_AVX2 static void pack_panel8(const float *const *rows, Py_ssize_t P, Py_ssize_t k,
+                                float *dst) {
+    for (Py_ssize_t j0 = 0; j0 < P; j0 += 8)
+        for (Py_ssize_t kk0 = 0; kk0 < k; kk0 += 8) transpose8(rows + j0, kk0, dst + kk0 * P + j0, P);
+}
+
 typedef void (*nt_fn)(Py_ssize_t, const float *, Py_ssize_t, const float *, float *, Py_ssize_t,
                       int);
 typedef void (*nn_fn)(Py_ssize_t, Py_ssize_t, const float *, Py_ssize_t, const float *,
@@ -343,9 +374,18 @@ static inline const float *row_of(const float *b, const float *b2, Py_ssize_t sp
 static void pack_rows(Py_ssize_t n, Py_ssize_t k, const float *b, const float *b2,
                       Py_ssize_t split, Py_ssize_t ldb, float *out, int threads) {
     const Py_ssize_t P = panel_width();
+    const int blocks = HA_X86 && cpu_isa() != ISA_NONE && P % 8 == 0 && k % 8 == 0 && P <= 64;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (Py_ssize_t p = 0; p < (n + P - 1) / P; p++) {
         float *dst = out + p * P * k; /* P x k floats: stays in L1 while it is written */
+#if HA_X86
+        if (blocks && (p + 1) * P <= n) {
+            const float *rows[64];
+            for (Py_ssize_t j = 0; j < P; j++) rows[j] = row_of(b, b2, split, ldb, p * P + j);
+            pack_panel8(rows, P, k, dst);
+            continue;
+        }
+#endif
         for (Py_ssize_t j = 0; j < P; j++) {
             const Py_ssize_t row = p * P + j;
             if (row < n) {

@@ -275,6 +275,35 @@ def test_pack_refuses_a_split_without_its_second_matrix() -> None:
             gemm._fastgemm.pack(w.data_ptr(), 8, 4, 4, out.data_ptr(), True, 1, *extra)
 
 
+def _expected_rows_pack(w: torch.Tensor, panel: int) -> torch.Tensor:
+    """pack(transposed=True)'s layout built by hand: panels of ``panel`` rows, each transposed."""
+    n, k = w.shape
+    padded = torch.zeros((n + panel - 1) // panel * panel, k)
+    padded[:n] = w
+    return padded.reshape(-1, panel, k).transpose(1, 2).reshape(-1)
+
+
+@kernels
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize(("n", "k", "split"), [(70, 24, 37), (64, 128, 64), (33, 20, 5), (8, 8, 8)])
+def test_a_transposing_pack_lays_out_every_panel(
+    isa_cap: None, isa: str, n: int, k: int, split: int
+) -> None:
+    """Full panels (in 8 x 8 blocks where k allows) and the zero-padded last one, of a pair."""
+    assert gemm._fastgemm is not None
+    if isa == "avx512" and gemm.kernels_isa() != "avx512":
+        pytest.skip("needs an AVX-512 processor")
+    assert gemm._fastgemm.set_isa(isa) == isa
+    panel = 32 if isa == "avx512" else 16
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
+    top, bottom = w[:split].clone(), w[split:].clone()
+    out = torch.full((gemm._fastgemm.packed_size(n, k),), float("nan"))
+    second = (bottom.data_ptr(), split) if split < n else ()
+    gemm._fastgemm.pack(top.data_ptr(), n, k, k, out.data_ptr(), True, 2, *second)
+    expected = _expected_rows_pack(w, panel)
+    assert torch.equal(out[: expected.numel()], expected)
+
+
 @pytest.mark.parametrize("use_kernels", ["auto", "torch"])
 @pytest.mark.parametrize(("m", "n", "k"), [(128, 4000, 128), (13, 37, 45), (1, 1, 1), (0, 5, 3)])
 def test_weight_gradient_products_equal_float64_ones(
