@@ -1,7 +1,7 @@
-"""Build hook for the optional C helpers (``hubarches._fastcore``, ``hubarches._fastnet``).
+"""Build hook for the optional C helpers (``hubarches._fastcore``, ``_fastnet``, ``_fastgemm``).
 
 Everything else is in pyproject. The extensions make the likelihood's elementwise work and
-query training's small network several times faster on the CPU. They are optional: when one
+the training steps' small network several times faster on the CPU. They are optional: when one
 cannot be compiled (no compiler, no OpenMP), the build says so and hubarches runs the same
 computation in PyTorch.
 """

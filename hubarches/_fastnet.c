@@ -715,7 +715,7 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastnet",
-                                    "Query training's small network by hand (optional).", -1,
+                                    "The training steps' small network by hand (optional).", -1,
                                     methods};
 
 PyMODINIT_FUNC PyInit__fastnet(void) { return PyModule_Create(&module); }

@@ -39,10 +39,67 @@ from hubarches.fastnet import (
     _state,
     net_plan,
 )
-from hubarches.gemm import times, times_transposed, transposed_times
+from hubarches.gemm import Stacked, kernels_available, times, times_transposed, transposed_times
 from hubarches.model import CVAE
 
 __all__ = ["ReferenceStep", "reference_step"]
+
+
+@dataclass
+class _HeadBlocks:
+    """The heads' logits and their gradients for one minibatch size, in blocks of columns.
+
+    On hubarches' kernels one block holds both heads side by side (one product each way, both
+    weights read in place as one matrix); where torch runs the products (Intel's processors,
+    ``HUBARCHES_GEMM=torch``) each head has a block of its own, so that no step copies the
+    two weights into one.
+    """
+
+    logits: list[torch.Tensor]  # [n, columns] each
+    grads: list[torch.Tensor]
+    weights: list[torch.Tensor | Stacked]  # each block's weight rows
+    offsets: list[int]  # each block's first row in the stacked weights
+
+    @classmethod
+    def make(cls, n: int, weights: tuple[torch.Tensor, ...], kernels: bool) -> _HeadBlocks:
+        """Blocks for ``n`` cells: one for all heads (kernels) or one per head."""
+        rows = [w.shape[0] for w in weights]
+        parts = [sum(rows)] if kernels else rows
+        pair: list[torch.Tensor | Stacked] = [weights if len(weights) > 1 else weights[0]]
+        return cls(
+            logits=[torch.empty(n, r) for r in parts],
+            grads=[torch.empty(n, r) for r in parts],
+            weights=pair if kernels else list(weights),
+            offsets=[sum(parts[:k]) for k in range(len(parts))],
+        )
+
+    def head(self, k: int, n_genes: int, grads: bool = False) -> torch.Tensor:
+        """Head ``k``'s ``[n, n_genes]`` logits (or gradients): a block, or columns of one."""
+        blocks = self.grads if grads else self.logits
+        if len(blocks) > 1:
+            return blocks[k]
+        return blocks[0][:, k * n_genes : (k + 1) * n_genes]
+
+    def forward(self, h: torch.Tensor) -> None:
+        """Every head's logits ``h Wᵀ`` (without the biases, which the core adds)."""
+        for out, w in zip(self.logits, self.weights, strict=True):
+            times_transposed(h, w, out)
+
+    def backward(self, out: torch.Tensor) -> None:
+        """The gradient at the heads' input: ``Σ_k grads_k W_k``."""
+        times(self.grads[0], self.weights[0], out)
+        for g, w in zip(self.grads[1:], self.weights[1:], strict=True):
+            assert isinstance(w, torch.Tensor)
+            out.addmm_(g, w)
+
+    def weight_gradients(
+        self, h_scaled: torch.Tensor, grad_w: torch.Tensor, grad_b: torch.Tensor, scale: float
+    ) -> None:
+        """The heads' weight gradients ``gradsᵀ h_scaled`` and bias gradients ``scale Σ grads``."""
+        for g, at in zip(self.grads, self.offsets, strict=True):
+            rows = slice(at, at + g.shape[1])
+            transposed_times(g, h_scaled, grad_w[rows])
+            torch.sum(g, 0, out=grad_b[rows]).mul_(scale)
 
 
 @dataclass
@@ -52,6 +109,7 @@ class _Buffers:
     enc: _State
     dec: _State
     lat: dict[str, torch.Tensor]
+    heads: _HeadBlocks
     plan: np.ndarray
     core: native.PreparedCore
     rows: np.ndarray  # int64 [n]: 0..n-1, the first product's rows in C
@@ -100,7 +158,8 @@ class ReferenceStep:
         latent = (enc.mean.weight, enc.mean.bias, enc.log_var.weight, enc.log_var.bias)
         self.latent = tuple(t.detach() for t in latent)
         self.latent_grads = tuple(_grad_buffer(t, grads) for t in latent)
-        # The heads' weights as one stacked pair, read in place; their gradients side by side.
+        # The heads' weights (read in place); their gradients side by side in one buffer.
+        self.kernels = kernels_available()
         self.zinb = dec.dropout_logits is not None
         heads = [dec.scale] + ([dec.dropout_logits] if dec.dropout_logits is not None else [])
         self.n_genes, self.n_hidden = dec.scale.weight.shape
@@ -143,7 +202,6 @@ class ReferenceStep:
         """Buffers, plan and core for ``n`` cells."""
         lat = {k: torch.empty(n, self.n_latent)
                for k in ("mean", "var", "z", "dz", "noise", "d_mean", "d_log_var")}  # fmt: skip
-        width = self.grad_heads_w.shape[0]
         lat.update(
             kl=torch.empty(n),
             nll=torch.empty(n),
@@ -151,12 +209,10 @@ class ReferenceStep:
             grad_h=torch.empty(n, self.n_hidden),
             first=torch.empty(n, self.n_hidden),
             h_scaled=torch.empty(n, self.n_hidden),
-            heads=torch.empty(n, width),
-            grad_heads=torch.empty(n, width),
             grad_lt=torch.empty(n, self.n_genes),
         )
         enc, dec = _state(self.encoder, n), _state(self.decoder, n)
-        g = self.n_genes
+        heads = _HeadBlocks.make(n, self.heads_w, self.kernels)
         header = {
             "cells": n,
             "hidden": self.n_hidden,
@@ -174,22 +230,23 @@ class ReferenceStep:
         names = ("grad_wm", "grad_bm", "grad_wv", "grad_bv")
         header.update(zip(names, map(_address, self.latent_grads), strict=True))
         plan = net_plan(header, (self.encoder, enc), (self.decoder, dec))
-        heads, grads = lat["heads"], lat["grad_heads"]
+        a, p, grad_a, grad_p = self._views(heads)
         core = native.PreparedCore(
-            heads[:, :g],
-            heads[:, g:] if self.zinb else None,
+            a,
+            p,
             self.theta,
             self.log_theta,
             zinb=self.zinb,
             bias_a=self.b_a,
             bias_p=self.b_p,
-            out=(lat["nll"], grads[:, :g], grads[:, g:] if self.zinb else None),
+            out=(lat["nll"], grad_a, grad_p),
             grad_lt=lat["grad_lt"],
         )
         buffers = _Buffers(
             enc=enc,
             dec=dec,
             lat=lat,
+            heads=heads,
             plan=plan,
             core=core,
             rows=np.arange(n, dtype=np.int64),
@@ -205,18 +262,28 @@ class ReferenceStep:
         )  # fmt: skip
         return buffers
 
+    def _views(
+        self, heads: _HeadBlocks
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """The scale head's logits, the dropout head's (or None) and their gradients."""
+        g = self.n_genes
+        a, grad_a = heads.head(0, g), heads.head(0, g, grads=True)
+        if not self.zinb:
+            return a, None, grad_a, None
+        return a, heads.head(1, g), grad_a, heads.head(1, g, grads=True)
+
     def _likelihood(self, b: _Buffers, batch: Minibatch) -> None:
         """The heads' products and the C core on them: NLL and gradients into ``b``'s buffers."""
         lat = b.lat
-        times_transposed(b.dec.out[-1], self.heads_w, lat["heads"])
+        b.heads.forward(b.dec.out[-1])
         stored = batch.stored
         if stored is not None and b.core.reads(stored.csr):
             b.core(stored.csr, stored.rows, b.library)
             return
-        g, heads, grads = self.n_genes, lat["heads"], lat["grad_heads"]
+        a, p, grad_a, grad_p = self._views(b.heads)
         _, _, _, grad_lt = native.native_core(
-            heads[:, :g],
-            heads[:, g:] if self.zinb else None,
+            a,
+            p,
             batch.x,
             torch.from_numpy(b.library),
             self.theta,
@@ -225,7 +292,7 @@ class ReferenceStep:
             want_theta=True,
             bias_a=self.b_a,
             bias_p=self.b_p,
-            out=(lat["nll"], grads[:, :g], grads[:, g:] if self.zinb else None),
+            out=(lat["nll"], grad_a, grad_p),
         )
         assert grad_lt is not None
         lat["grad_lt"].copy_(grad_lt)
@@ -279,11 +346,9 @@ class ReferenceStep:
             b.seeds[k] = seed or 0
         _fastnet.net_forward(*b.common, _address(b.seeds), 0.0, 0.0, threads)
         self._likelihood(b, batch)
-        h, grads = b.dec.out[-1], lat["grad_heads"]
-        times(grads, self.heads_w, lat["grad_h"])
-        torch.mul(h, 1.0 / n, out=lat["h_scaled"])
-        transposed_times(grads, lat["h_scaled"], self.grad_heads_w)
-        torch.sum(grads, 0, out=self.grad_heads_b).mul_(1.0 / n)
+        b.heads.backward(lat["grad_h"])
+        torch.mul(b.dec.out[-1], 1.0 / n, out=lat["h_scaled"])
+        b.heads.weight_gradients(lat["h_scaled"], self.grad_heads_w, self.grad_heads_b, 1.0 / n)
         log_gamma, grad_theta = self._log_gamma(b, batch, n)
         torch.sum(lat["grad_lt"], 0, out=self.grad_log_theta).mul_(1.0 / n)
         self.grad_log_theta.sub_(grad_theta.mul_(self.theta))

@@ -10,7 +10,7 @@ import torch
 from stepcheck import FROZEN, FixedMask, needs_c
 from torch import nn
 
-from hubarches import fastnet
+from hubarches import fastnet, gemm
 from hubarches import train as train_module
 from hubarches.batching import CountMatrix, Minibatch
 from hubarches.config import ModelConfig, TrainOptions
@@ -86,22 +86,26 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("products", ["auto", "torch"])
 @pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize("options", CONFIGS)
 def test_reference_step_equals_plain_loss_and_gradients(
-    options: dict, dropout: float, dense: bool
+    options: dict, dropout: float, dense: bool, products: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Loss and the gradient of every tensor equal autograd's on the plain loss (float64).
 
-    The counts come as CSR rows (read in C) or, ``dense``, as a dense minibatch.
+    The counts come as CSR rows (read in C) or, ``dense``, as a dense minibatch; the heads'
+    products run on hubarches' kernels where they do (``auto``) or on torch, head by head.
     """
+    monkeypatch.setenv(gemm.GEMM_ENV, products)
     base = {"n_genes": N_GENES, "covariate_sizes": (3,), "n_hidden": 16, "n_latent": 4}
     cfg = ModelConfig(**{**base, "encoder_norm": "layer", "decoder_norm": "layer",
                          "dropout": dropout, **options})  # fmt: skip
     model = build_model(cfg, seed=1)
     x, codes = _data(cfg)
     step = _step(model, x, codes, FROZEN)
+    assert step.kernels == (products == "auto" and gemm.kernels_available())
     rows = np.arange(N_CELLS)[::-1].copy()  # not in order: rows index the per-cell constants
     counts = CountMatrix.from_matrix(x.numpy())
     batch = Minibatch.from_csr(counts.csr[rows]) if dense else counts.minibatch(rows)
