@@ -624,7 +624,7 @@ class QueryStep:
         np.take(self.log_gamma, inputs.rows, out=inputs.log_gamma)
         threads = torch.get_num_threads()
         noise = self._states[n][2]["noise"]  # drawn as CVAE.draw_noise draws it
-        torch.randn(noise.shape, generator=generator, out=noise)
+        noise.normal_(generator=generator)
         self._fill_seeds(inputs.seeds)
         common = inputs.common
         _fastnet.net_forward(*common, inputs.seeds_at, 0.0, 0.0, threads)

@@ -341,7 +341,7 @@ class ReferenceStep:
         torch.exp(self.log_theta, out=self.theta)
         x_log = batch.x_log
         torch.addmm(self.b1, x_log, self.w1.t(), out=lat["first"])
-        torch.randn(lat["noise"].shape, generator=generator, out=lat["noise"])
+        lat["noise"].normal_(generator=generator)
         for k, seed in enumerate(self._seeds.draw(self.encoder + self.decoder)):
             b.seeds[k] = seed or 0
         _fastnet.net_forward(*b.common, _address(b.seeds), 0.0, 0.0, threads)
