@@ -358,11 +358,19 @@ class _Inputs:
     kl: np.ndarray
     common: tuple[int, ...] = ()  # _fastnet's leading arguments
     seeds_at: int = 0
+    gather: tuple[int, ...] = ()  # _fastnet.gather's trailing arguments
+    table: np.ndarray | None = None  # the gather table those point to
+    totals: tuple[int, ...] = ()  # _fastnet.totals' arguments
 
     @classmethod
     def make(cls, n: int, n_covariates: int, n_blocks: int, plan: np.ndarray,
-             nll: torch.Tensor, kl: torch.Tensor) -> _Inputs:  # fmt: skip
-        """Buffers for ``n`` cells and the network ``plan``."""
+             nll: torch.Tensor, kl: torch.Tensor,
+             sources: tuple[np.ndarray, np.ndarray, np.ndarray]) -> _Inputs:  # fmt: skip
+        """Buffers for ``n`` cells and the network ``plan``.
+
+        ``sources``: every cell's codes, log library size and log-gamma term, which
+        :func:`gather_inputs` copies the minibatch's rows of into the buffers.
+        """
         inputs = cls(
             rows=np.zeros(n, dtype=np.int64),
             codes=np.zeros((n, n_covariates), dtype=np.int64),
@@ -377,7 +385,28 @@ class _Inputs:
             n_covariates,
         )  # fmt: skip
         inputs.seeds_at = _address(inputs.seeds)
+        pairs = zip(sources, (inputs.codes, inputs.library, inputs.log_gamma), strict=True)
+        fields = [[_address(src), _address(dst), dst.itemsize * dst[0].size]
+                  for src, dst in pairs if dst.size]  # fmt: skip
+        table = np.asarray(fields, dtype=np.int64).reshape(-1, 3)
+        inputs.table = table
+        inputs.gather = (_address(inputs.rows), _address(table), len(table))
+        inputs.totals = (_address(inputs.nll), _address(inputs.kl), _address(inputs.log_gamma), n)
         return inputs
+
+
+def gather_inputs(rows: np.ndarray, n_total: int, inputs: _Inputs) -> np.ndarray:
+    """Copy the minibatch's ``rows`` of every per-cell input into ``inputs``' buffers.
+
+    Returns the rows as contiguous int64 (``rows`` itself where it already is). Raises
+    IndexError, before anything is written, for a row outside ``0..n_total-1``.
+    """
+    assert _fastnet is not None
+    if not (rows.dtype == np.int64 and rows.flags.c_contiguous):
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+    if not _fastnet.gather(rows.ctypes.data, len(rows), n_total, *inputs.gather):
+        raise IndexError(f"row numbers outside 0..{n_total - 1}")
+    return rows
 
 
 def net_plan(
@@ -535,6 +564,7 @@ class QueryStep:
                 self._plans[n],
                 latent["nll"],
                 latent["kl"],
+                (self.codes, self.log_library, self.log_gamma),
             )
             h = dec.out[-1]
             self._products[n] = (
@@ -569,19 +599,24 @@ class QueryStep:
         """A mask seed for each block whose dropout is on (:class:`MaskSeeds`)."""
         return self._seeds.draw(blocks)
 
-    def _heads(self, n: int, batch: Minibatch, library: np.ndarray) -> torch.Tensor:
+    def _heads(
+        self, n: int, batch: Minibatch, library: np.ndarray, rows: np.ndarray
+    ) -> torch.Tensor:
         """The gene-wide heads and the likelihood of ``n`` cells: per-cell NLL, its gradient.
 
         The decoder's output is the heads' input; the buffers' ``grad_h`` gets the gradient
         of the NLL's sum there. The counts are read from the batch's CSR rows where it has
-        them (no dense copy). ``library`` holds the cells' log library sizes.
+        them (no dense copy). ``library`` holds the cells' log library sizes, ``rows`` the
+        step's rows of the data, already checked.
         """
         forward, backward = self._products[n]
         forward()
         stored = batch.stored
         core = self._cores[n]
         if stored is not None and core.reads(stored.csr):
-            nll = core(stored.csr, stored.rows, library)
+            # The batch's rows of the whole data, checked in this step already: not again.
+            known = stored.rows is rows and stored.csr.shape[0] == len(self.codes)
+            nll = core(stored.csr, stored.rows, library, rows_checked=known)
         else:  # dense counts
             a, p, grad_a, grad_p = self._views[n]
             out = self._states[n][2]
@@ -617,23 +652,20 @@ class QueryStep:
         n = len(rows)
         self._buffers(n)
         inputs = self._inputs[n]
-        inputs.rows[:] = rows
-        # np.take raises for rows outside the data before any C pass reads them.
-        np.take(self.codes, inputs.rows, axis=0, out=inputs.codes)
-        np.take(self.log_library, inputs.rows, out=inputs.library)
-        np.take(self.log_gamma, inputs.rows, out=inputs.log_gamma)
+        # Raises for rows outside the data before any C pass reads them.
+        checked = gather_inputs(rows, len(self.codes), inputs)
         threads = torch.get_num_threads()
         noise = self._states[n][2]["noise"]  # drawn as CVAE.draw_noise draws it
         noise.normal_(generator=generator)
         self._fill_seeds(inputs.seeds)
         common = inputs.common
         _fastnet.net_forward(*common, inputs.seeds_at, 0.0, 0.0, threads)
-        self._heads(n, batch, inputs.library)
+        self._heads(n, batch, inputs.library, checked)
         _fastnet.net_backward(*common, 0, 1.0 / n, kl_weight / n, threads)
         self._adam.step()
-        gamma = float(inputs.log_gamma.sum())
-        reconstruction = (float(inputs.nll.sum(dtype=np.float64)) - gamma) / n
-        kl = float(inputs.kl.sum(dtype=np.float64)) / n
+        nll, kl_sum, gamma = _fastnet.totals(*inputs.totals)
+        reconstruction = (nll - gamma) / n
+        kl = kl_sum / n
         return reconstruction + kl_weight * kl, reconstruction, kl
 
 

@@ -264,12 +264,25 @@ class PreparedCore:
         )  # fmt: skip
 
     def __call__(
-        self, csr: sp.csr_matrix, rows: np.ndarray, log_library: np.ndarray
+        self,
+        csr: sp.csr_matrix,
+        rows: np.ndarray,
+        log_library: np.ndarray,
+        *,
+        rows_checked: bool = False,
     ) -> torch.Tensor:
-        """The core on ``rows`` of ``csr`` into the prepared outputs; returns the per-cell NLL."""
+        """The core on ``rows`` of ``csr`` into the prepared outputs; returns the per-cell NLL.
+
+        ``rows_checked``: the caller has checked that ``rows`` lie inside ``csr`` (a training
+        step that gathered its inputs by them in C): contiguous int64 rows are then not
+        checked again, a numpy pass of ~30 µs once a step's products have run.
+        """
         if not self.reads(csr):
             raise ValueError("the core needs CSR rows it can read, one column per gene")
-        picked = _checked_rows(csr, rows)
+        if rows_checked and rows.dtype == np.int64 and rows.flags.c_contiguous:
+            picked = rows
+        else:
+            picked = _checked_rows(csr, rows)
         if len(picked) != self.n_cells:
             raise ValueError(f"{len(picked)} CSR rows for {self.n_cells} cells of logits")
         if not (

@@ -277,12 +277,60 @@ def test_a_step_reads_each_minibatch_afresh_from_its_reused_buffers() -> None:
     assert again != used(first, counts.minibatch(first), torch.Generator().manual_seed(2), 0.5)
 
 
-def test_a_row_outside_the_data_is_refused_before_any_pass_reads_it() -> None:
+@pytest.mark.parametrize("bad", [-1, N_CELLS, 2**40])
+def test_a_row_outside_the_data_is_refused_before_any_pass_reads_it(bad: int) -> None:
+    """Nothing is gathered from a minibatch with a row outside the data: the buffers stay."""
     cfg = ModelConfig(n_genes=N_GENES, covariate_sizes=(2,), n_hidden=16, n_latent=4)
     ext = _grown(cfg)
     x, codes = _data(cfg)
     step = _step(ext, x, codes, dropout=False)
     rows = np.arange(N_CELLS)
     batch = Minibatch.from_csr(sp.csr_matrix(x.numpy()))
-    with pytest.raises(IndexError):
-        step(rows + 1, batch, None, 1.0)
+    step(rows, batch, None, 1.0)
+    inputs = step._inputs[N_CELLS]
+    before = [a.copy() for a in (inputs.rows, inputs.codes, inputs.library, inputs.log_gamma)]
+    rows[N_CELLS // 2] = bad
+    with pytest.raises(IndexError, match="outside"):
+        step(rows, batch, None, 1.0)
+    after = (inputs.rows, inputs.codes, inputs.library, inputs.log_gamma)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_rows_of_any_integer_layout_give_the_same_step() -> None:
+    """int32, strided and int64 rows: one result (the fast path takes contiguous int64)."""
+    cfg = ModelConfig(n_genes=N_GENES, covariate_sizes=(2,), n_hidden=16, n_latent=4)
+    ext = _grown(cfg)
+    x, codes = _data(cfg)
+    counts = CountMatrix.from_matrix(x.numpy())
+    rows = np.arange(N_CELLS)[::-1].copy()
+    layouts = [rows, rows.astype(np.int32), np.repeat(rows, 2)[::2]]
+    results = []
+    for picked in layouts:
+        step = _step(ext, x, codes, dropout=False)  # lr 0: the model stays as it is
+        results.append(
+            step(picked, counts.minibatch(picked), torch.Generator().manual_seed(4), 0.5)
+        )
+    assert results[0] == results[1] == results[2]
+
+
+def test_gather_and_totals_in_c() -> None:
+    """_fastnet.gather copies rows of each array and refuses bad rows; totals sums in double."""
+    assert fastnet._fastnet is not None
+    src = np.arange(12, dtype=np.float64).reshape(6, 2)
+    dst = np.zeros((3, 2))
+    rows = np.array([5, 0, 2], dtype=np.int64)
+    rows_out = np.zeros(3, dtype=np.int64)
+    table = np.array([[src.ctypes.data, dst.ctypes.data, 16]], dtype=np.int64)
+    args = (rows_out.ctypes.data, table.ctypes.data, 1)
+    assert fastnet._fastnet.gather(rows.ctypes.data, 3, 6, *args)
+    np.testing.assert_array_equal(dst, src[rows])
+    np.testing.assert_array_equal(rows_out, rows)
+    bad = np.array([1, 6, 0], dtype=np.int64)
+    assert not fastnet._fastnet.gather(bad.ctypes.data, 3, 6, *args)
+    np.testing.assert_array_equal(rows_out, rows)  # nothing written
+    nll = np.array([1.5, 2.5, 1e8], dtype=np.float32)
+    kl = np.array([0.25, 0.25, 0.5], dtype=np.float32)
+    lg = np.array([1e-9, 2.0, 3.0])
+    got = fastnet._fastnet.totals(nll.ctypes.data, kl.ctypes.data, lg.ctypes.data, 3)
+    assert got == pytest.approx((1e8 + 4.0, 1.0, 5.0 + 1e-9), rel=1e-12)
+    assert fastnet._fastnet.totals(nll.ctypes.data, kl.ctypes.data, 0, 3)[2] == 0.0

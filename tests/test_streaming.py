@@ -71,6 +71,24 @@ def test_streamed_blocks_and_batches_cover_the_matrix() -> None:
     assert all(stop - start <= 100 for start, stop in reads)
 
 
+def test_in_memory_batches_cover_the_rows_and_refuse_rows_outside() -> None:
+    """Rows are checked once for the whole pass; each batch holds its rows' counts."""
+    dense = np.random.default_rng(2).poisson(1.0, (40, 6)).astype(np.float32)
+    memory = CountMatrix.from_matrix(dense)
+    rows = np.arange(3, 40, 3, dtype=np.int32)
+    seen = []
+    for batch_rows, batch in memory.batches(rows, 5, np.random.default_rng(0)):
+        assert batch_rows.dtype == np.int64
+        np.testing.assert_array_equal(batch.x.numpy(), dense[batch_rows])
+        seen.extend(batch_rows.tolist())
+    assert sorted(seen) == rows.tolist()
+    for bad in (-1, 40):
+        with pytest.raises(IndexError, match="outside"):
+            next(memory.batches(np.array([0, bad, 2]), 2, np.random.default_rng(0)))
+        with pytest.raises(IndexError, match="outside"):
+            memory.minibatch(np.array([bad]))
+
+
 def test_streamed_embedding_equals_in_memory(setup) -> None:
     reference, _, _ = setup
     rng = np.random.default_rng(2)
