@@ -385,26 +385,38 @@ class _Inputs:
             n_covariates,
         )  # fmt: skip
         inputs.seeds_at = _address(inputs.seeds)
-        pairs = zip(sources, (inputs.codes, inputs.library, inputs.log_gamma), strict=True)
-        fields = [[_address(src), _address(dst), dst.itemsize * dst[0].size]
-                  for src, dst in pairs if dst.size]  # fmt: skip
-        table = np.asarray(fields, dtype=np.int64).reshape(-1, 3)
-        inputs.table = table
-        inputs.gather = (_address(inputs.rows), _address(table), len(table))
+        destinations = (inputs.codes, inputs.library, inputs.log_gamma)
+        inputs.table, inputs.gather = gather_table(sources, destinations, inputs.rows)
         inputs.totals = (_address(inputs.nll), _address(inputs.kl), _address(inputs.log_gamma), n)
         return inputs
 
 
-def gather_inputs(rows: np.ndarray, n_total: int, inputs: _Inputs) -> np.ndarray:
-    """Copy the minibatch's ``rows`` of every per-cell input into ``inputs``' buffers.
+def gather_table(
+    sources: tuple[np.ndarray, ...], destinations: tuple[np.ndarray, ...], rows_out: np.ndarray
+) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The table :func:`gather_inputs` reads (keep it alive) and its arguments to the C call.
 
-    Returns the rows as contiguous int64 (``rows`` itself where it already is). Raises
-    IndexError, before anything is written, for a row outside ``0..n_total-1``.
+    Each source (every cell's values, rows contiguous) goes to the destination buffer of the
+    same position; the rows themselves go to ``rows_out``. Empty destinations are left out.
+    """
+    pairs = zip(sources, destinations, strict=True)
+    fields = [[_address(src), _address(dst), dst.itemsize * dst[0].size]
+              for src, dst in pairs if dst.size]  # fmt: skip
+    table = np.asarray(fields, dtype=np.int64).reshape(-1, 3)
+    return table, (_address(rows_out), _address(table), len(table))
+
+
+def gather_inputs(rows: np.ndarray, n_total: int, arguments: tuple[int, ...]) -> np.ndarray:
+    """Copy the minibatch's ``rows`` of every per-cell input into their buffers, in one C call.
+
+    ``arguments`` come from :func:`gather_table`. Returns the rows as contiguous int64
+    (``rows`` itself where it already is). Raises IndexError, before anything is written,
+    for a row outside ``0..n_total-1``.
     """
     assert _fastnet is not None
     if not (rows.dtype == np.int64 and rows.flags.c_contiguous):
         rows = np.ascontiguousarray(rows, dtype=np.int64)
-    if not _fastnet.gather(rows.ctypes.data, len(rows), n_total, *inputs.gather):
+    if not _fastnet.gather(rows.ctypes.data, len(rows), n_total, *arguments):
         raise IndexError(f"row numbers outside 0..{n_total - 1}")
     return rows
 
@@ -653,7 +665,7 @@ class QueryStep:
         self._buffers(n)
         inputs = self._inputs[n]
         # Raises for rows outside the data before any C pass reads them.
-        checked = gather_inputs(rows, len(self.codes), inputs)
+        checked = gather_inputs(rows, len(self.codes), inputs.gather)
         threads = torch.get_num_threads()
         noise = self._states[n][2]["noise"]  # drawn as CVAE.draw_noise draws it
         noise.normal_(generator=generator)

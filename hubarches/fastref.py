@@ -12,7 +12,8 @@ gradient are autograd's to float rounding (``tests/test_fastref.py``).
 
 Used for float32 CPU models with one dispersion per gene and layer norm without affine
 parameters (or none); :func:`reference_step` returns None elsewhere (a GPU, batch norm, whose
-batch statistics train, gene-batch dispersion, no C extension) and autograd runs the step.
+batch statistics train, Poisson or gene-batch dispersion, no C extension) and autograd runs
+the step.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from hubarches.fastnet import (
     _plain,
     _State,
     _state,
+    gather_inputs,
+    gather_table,
     net_plan,
 )
 from hubarches.gemm import Stacked, kernels_available, times, times_transposed, transposed_times
@@ -113,12 +116,16 @@ class _Buffers:
     plan: np.ndarray
     core: native.PreparedCore
     rows: np.ndarray  # int64 [n]: 0..n-1, the first product's rows in C
+    step_rows: np.ndarray  # int64 [n]: the step's rows of the data
     codes: np.ndarray  # int64 [n, n_covariates]
     library: np.ndarray  # float32 [n], log library sizes
     factorial: np.ndarray  # float64 [n], Σ log Γ(x+1)
     seeds: np.ndarray  # uint64, one per block
     weights: torch.Tensor  # float32 [n], 1/n: the log-gamma gradient's cell weights
     common: tuple[int, ...] = ()  # _fastnet's leading arguments
+    gather: tuple[int, ...] = ()  # _fastnet.gather's trailing arguments
+    table: np.ndarray | None = None  # the gather table those point to
+    totals: tuple[int, ...] = ()  # _fastnet.totals' arguments
 
 
 class ReferenceStep:
@@ -250,6 +257,7 @@ class ReferenceStep:
             plan=plan,
             core=core,
             rows=np.arange(n, dtype=np.int64),
+            step_rows=np.zeros(n, dtype=np.int64),
             codes=np.zeros((n, self.codes.shape[1]), dtype=np.int64),
             library=np.zeros(n, dtype=np.float32),
             factorial=np.zeros(n, dtype=np.float64),
@@ -259,6 +267,14 @@ class ReferenceStep:
         buffers.common = (
             _address(plan), len(plan), n, _address(buffers.rows), _address(buffers.codes),
             self.codes.shape[1],
+        )  # fmt: skip
+        buffers.table, buffers.gather = gather_table(
+            (self.codes, self.log_library, self.factorial),
+            (buffers.codes, buffers.library, buffers.factorial),
+            buffers.step_rows,
+        )
+        buffers.totals = (
+            _address(lat["nll"]), _address(lat["kl"]), _address(buffers.factorial), n,
         )  # fmt: skip
         return buffers
 
@@ -329,10 +345,8 @@ class ReferenceStep:
         n = len(rows)
         b = self.buffers(n)
         lat = b.lat
-        # np.take raises for rows outside the data before any C pass reads them.
-        np.take(self.codes, rows, axis=0, out=b.codes)
-        np.take(self.log_library, rows, out=b.library)
-        np.take(self.factorial, rows, out=b.factorial)
+        # Raises for rows outside the data before any C pass reads them.
+        gather_inputs(rows, len(self.codes), b.gather)
         threads = torch.get_num_threads()
         for blk in self._refreshed:
             assert blk.weight is not None
@@ -356,9 +370,9 @@ class ReferenceStep:
         if self.grad_w1 is not None:
             torch.mm(b.enc.dpre[0].t(), x_log, out=self.grad_w1)
         self._adam.step()
-        nll = float(lat["nll"].sum(dtype=torch.float64))
-        reconstruction = (nll - log_gamma + float(b.factorial.sum())) / n
-        kl = float(lat["kl"].sum(dtype=torch.float64)) / n
+        nll, kl_sum, factorial = _fastnet.totals(*b.totals)
+        reconstruction = (nll - log_gamma + factorial) / n
+        kl = kl_sum / n
         return reconstruction + kl_weight * kl, reconstruction, kl
 
 
