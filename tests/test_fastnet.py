@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from stepcheck import FROZEN, FixedMask, needs_c
+from stepcheck import FROZEN, needs_c, plain_backward
 from torch import nn
 
 from hubarches import fastnet, native
@@ -63,14 +63,7 @@ def _plain_gradients(
     kl_weight: float,
 ) -> tuple[list[float], list[torch.Tensor]]:
     """Loss terms and gradients of surgery's tensors through autograd in float64."""
-    ref = copy.deepcopy(ext).double()
-    for block, mask in zip(ref.encoder.mlp.blocks, masks, strict=True):
-        block.dropout = nn.Identity() if mask is None else FixedMask(mask.double())
-    ref.draw_noise = lambda n, *, generator, like: noise.double()  # type: ignore[method-assign]
-    terms = ref.plain_loss(x.double(), codes)
-    loss = terms.total(kl_weight)
-    loss.backward()
-    stats = [float(t.detach()) for t in (loss, terms.reconstruction.mean(), terms.kl.mean())]
+    stats, ref = plain_backward(ext, x, codes, noise, masks, kl_weight)
     return stats, [p.grad for p in new_parameters(ref)]
 
 

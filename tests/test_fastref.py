@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
-from stepcheck import FROZEN, FixedMask, needs_c
-from torch import nn
+from stepcheck import FROZEN, needs_c, plain_backward
 
 from hubarches import fastnet, gemm
 from hubarches import train as train_module
@@ -56,27 +53,6 @@ def _step(model: CVAE, x: torch.Tensor, codes: torch.Tensor, adam: AdamSettings)
     return step
 
 
-def _plain_gradients(
-    model: CVAE,
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    noise: torch.Tensor,
-    masks: list[torch.Tensor | None],
-    kl_weight: float,
-) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Loss terms and every gradient through autograd on the plain loss, in float64."""
-    ref = copy.deepcopy(model).double()
-    ref.train()
-    for block, mask in zip(ref.encoder.mlp.blocks, masks, strict=True):
-        block.dropout = nn.Identity() if mask is None else FixedMask(mask.double())
-    ref.draw_noise = lambda n, *, generator, like: noise.double()  # type: ignore[method-assign]
-    terms = ref.plain_loss(x.double(), codes)
-    loss = terms.total(kl_weight)
-    loss.backward()
-    stats = [float(t.detach()) for t in (loss, terms.reconstruction.mean(), terms.kl.mean())]
-    return stats, {name: p.grad for name, p in ref.named_parameters()}
-
-
 CONFIGS = [
     {},
     {"likelihood": "nb"},
@@ -116,7 +92,8 @@ def test_reference_step_equals_plain_loss_and_gradients(
     enc = step.buffers(N_CELLS).enc
     masks = [enc.mask[k] if b.dropout > 0 else None for k, b in enumerate(step.encoder)]
     assert (masks[0] is not None) == (dropout > 0)
-    expected, grads = _plain_gradients(model, x[rows], codes[rows], noise, masks, 0.3)
+    expected, ref = plain_backward(model, x[rows], codes[rows], noise, masks, 0.3)
+    grads = {name: p.grad for name, p in ref.named_parameters()}
     np.testing.assert_allclose(stats, expected, rtol=2e-5, atol=1e-3)
     named = dict(model.named_parameters())
     assert set(named) == set(grads)
