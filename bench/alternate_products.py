@@ -1,11 +1,13 @@
-"""Query epochs with MKL's products and hubarches' kernels swapped epoch by epoch, in one run.
+"""Query epochs with two ways of a step swapped epoch by epoch, in one run.
 
+``--swap products`` (the default): MKL's products and hubarches' kernels for the frozen heads.
+``--swap math``: the likelihood core's inline ``exp``/``log`` and libm's (``_fastcore.set_math``).
 A shared host's speed drifts by tens of per cent between runs, more than the few per cent
-between the two ways of multiplying by the frozen heads; swapping them every epoch inside
-one query training puts both under the same load. Prints, for each, the median and the
-fastest epoch.
+between two such ways; swapping them every epoch inside one query training puts both under
+the same load. Prints, for each, the median and the fastest epoch.
 
-    .venv/bin/python bench/alternate_products.py [--epochs 80] [--ref-epochs 10] [--threads 2]
+    .venv/bin/python bench/alternate_products.py [--swap products|math] [--epochs 80]
+        [--ref-epochs 10] [--threads 2]
 
 It reaches into query training's step (``hubarches.train.query_step`` and the bound
 products of :class:`hubarches.gemm.FrozenProduct`), so it checks what it relies on.
@@ -23,7 +25,7 @@ from common import BATCH_KEY, LABEL_KEY
 from run_hubarches import ARCHITECTURE
 
 import hubarches.train as training
-from hubarches import gemm
+from hubarches import gemm, native
 from hubarches.batching import CountMatrix
 from hubarches.config import ModelConfig
 from hubarches.data import prepare_query, prepare_reference
@@ -40,9 +42,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=80, help="query epochs, half with each")
     ap.add_argument("--ref-epochs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--swap", choices=["products", "math"], default="products")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if not gemm.kernels_supported():
+    if args.swap == "math" and native._fastcore is None:
+        raise SystemExit("the C core is not built: nothing to compare")
+    if args.swap == "products" and not gemm.kernels_supported():
         raise SystemExit("hubarches' kernels do not run here: nothing to compare")
 
     ref, query = simulate_reference_and_query(
@@ -87,6 +92,12 @@ def main() -> None:
     modes: list[str] = []
     ways: dict[str, tuple[Any, Any]] = {}
 
+    def swap_math(*_: Any) -> None:
+        ticks.append(time.perf_counter())
+        mode = list(ways)[len(ticks) % 2]
+        native._fastcore.set_math(1 if mode == "inline exp/log" else 0)
+        modes.append(mode)
+
     def swap(*_: Any) -> None:
         ticks.append(time.perf_counter())
         step = steps[0]
@@ -106,12 +117,18 @@ def main() -> None:
         step._products[BATCH] = ways[mode]
         modes.append(mode)
 
-    train_query(
-        extension, CountMatrix.from_matrix(pq.X), pq.covariates.codes,
-        options=TrainOptions(epochs=args.epochs + 1, weight_decay=0.0, dropout_in_query=True,
-                             **options),
-        progress=swap,
-    )  # fmt: skip
+    if args.swap == "math":
+        ways.update({"inline exp/log": (None, None), "libm exp/log": (None, None)})
+    try:
+        train_query(
+            extension, CountMatrix.from_matrix(pq.X), pq.covariates.codes,
+            options=TrainOptions(epochs=args.epochs + 1, weight_decay=0.0,
+                                 dropout_in_query=True, **options),
+            progress=swap_math if args.swap == "math" else swap,
+        )  # fmt: skip
+    finally:
+        if native._fastcore is not None:
+            native._fastcore.set_math(-1)
     epochs = np.diff(ticks)
     print(f"{len(epochs)} query epochs of {pq.X.shape[0]} cells, {args.threads} threads")
     for mode in ways:

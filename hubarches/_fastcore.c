@@ -6,7 +6,7 @@
  * logits p and log θ. PyTorch evaluates that core as some forty separate passes over the
  * cells × genes arrays; here each cell's row is read once for its maximum and once for
  * everything else, the transcendental functions are vectorised (inline code, or glibc's
- * libmvec on AMD's Zen 5 and later; see use_inline_math), and cells are spread over
+ * libmvec on request; see use_inline_math), and cells are spread over
  * OpenMP threads.
  * set_math, math_values: that choice, overridden and inspected (for the tests).
  * densify: dense rows (and/or their log1p) of a CSR matrix.
@@ -17,9 +17,6 @@
 #include <Python.h>
 
 #include <math.h>
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <cpuid.h>
-#endif
 #include <stdint.h>
 #include <stdlib.h>
 #ifdef _OPENMP
@@ -106,30 +103,13 @@ static inline __attribute__((always_inline)) float log_positive(float x) {
     return x < 3.4028235e38f ? result : x + x; /* +inf stays inf, NaN stays NaN */
 }
 
-/* Which exp and log the likelihood core uses: the inline ones above, or libm's (libmvec's
- * vector variants). Inline, except on AMD's processors from Zen 5 (family 26) on: the core
- * took 8-10 % less on a Xeon and 20 % less on a Zen 4 (paired epochs), tied on a Zen 3, and an
- * earlier inline version measured slower on a Zen 5, where this one has not been measured.
- * set_math() overrides the choice (the tests run the core both ways). */
-static int math_override = -1; /* -1: by the processor; 0: libm; 1: inline */
-static int math_by_processor = 1; /* set once at import (cpuid can trap to a hypervisor) */
+/* Which exp and log the likelihood core uses: the inline ones above (the default), or libm's
+ * (libmvec's vector variants). Inline, the core took 8-10 % less on a Xeon and 20 % less on a
+ * Zen 4, whole query epochs 9-12 % less on a Zen 5 (epochs paired, five runs, 2026-12-04);
+ * the two tied on a Zen 3. set_math() overrides the choice (the tests run the core both ways). */
+static int math_override = -1; /* -1: the default (inline); 0: libm; 1: inline */
 
-static int processor_math(void) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    if (!__builtin_cpu_is("amd")) return 1;
-    unsigned int eax, ebx, ecx, edx;
-    if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return 1;
-    const unsigned int base = (eax >> 8) & 0xf, extended = (eax >> 20) & 0xff;
-    return (base == 0xf ? base + extended : base) < 26;
-#else
-    return 1;
-#endif
-}
-
-static int use_inline_math(void) {
-    return math_override >= 0 ? math_override : math_by_processor;
-}
+static int use_inline_math(void) { return math_override != 0; }
 
 /* In code where ``inline_math`` is a compile-time constant. */
 #define EXP_NONPOS(x) (inline_math ? exp_nonpositive(x) : expf(x))
@@ -805,8 +785,8 @@ static PyObject *theta_lgamma(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(set_math_doc,
              "set_math(mode) -> int\n\n"
-             "The core's exp and log: -1 by the processor (inline; libm's on AMD's Zen 5 on),\n"
-             "0 libm's, 1 inline. Returns the mode now in effect (0 or 1).");
+             "The core's exp and log: -1 the default (inline), 0 libm's, 1 inline.\n"
+             "Returns the mode now in effect (0 or 1).");
 
 static PyObject *set_math(PyObject *self, PyObject *args) {
     int mode;
@@ -861,7 +841,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastcore",
                                     methods};
 
 PyMODINIT_FUNC PyInit__fastcore(void) {
-    math_by_processor = processor_math();
     PyObject *mod = PyModule_Create(&module);
 #ifdef _OPENMP
     if (mod != NULL && PyModule_AddIntConstant(mod, "openmp", 1) < 0) {

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -154,25 +152,9 @@ def test_c_core_matches_eager(
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-5 * scale)
 
 
-def _expected_math() -> int | None:
-    """The core's default exp/log by the processor: libm's on AMD from Zen 5 (family 26) on.
-
-    None where /proc/cpuinfo does not say (not Linux).
-    """
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    fields = {
-        k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.splitlines())
-    }
-    amd = fields.get("vendor_id") == "AuthenticAMD"
-    return 0 if amd and int(fields.get("cpu family", "0")) >= 26 else 1
-
-
 @needs_c
-def test_the_core_s_two_kinds_of_exp_and_log_agree_and_auto_follows_the_processor() -> None:
-    """Inline exp/log (the default but on AMD's Zen 5) and libm's agree to float rounding."""
+def test_the_core_s_two_kinds_of_exp_and_log_agree_and_inline_is_the_default() -> None:
+    """Inline exp/log (the default, on every processor) and libm's agree to float rounding."""
     assert native._fastcore is not None
     gen = torch.Generator().manual_seed(3)
     a, p = torch.randn(64, 500, generator=gen) * 8, torch.randn(64, 500, generator=gen) * 8
@@ -191,8 +173,7 @@ def test_the_core_s_two_kinds_of_exp_and_log_agree_and_auto_follows_the_processo
             native._fastcore.set_math(2)
     finally:
         auto = native._fastcore.set_math(-1)
-    expected = _expected_math()
-    assert auto == (auto if expected is None else expected)
+    assert auto == 1
     for libm, inline in zip(*runs, strict=True):
         assert libm is not None
         assert inline is not None
