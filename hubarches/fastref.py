@@ -10,10 +10,10 @@ with every block's and latent head's weight gradient, the heads' and the first l
 gradients as two products, and Adam in C. For the same noise and masks the loss and every
 gradient are autograd's to float rounding (``tests/test_fastref.py``).
 
-Used for float32 CPU models with one dispersion per gene and layer norm without affine
-parameters (or none); :func:`reference_step` returns None elsewhere (a GPU, batch norm, whose
-batch statistics train, Poisson or gene-batch dispersion, no C extension) and autograd runs
-the step.
+Used for float32 CPU models with one dispersion per gene (or none: Poisson) and layer norm
+without affine parameters (or none); :func:`reference_step` returns None elsewhere (a GPU,
+batch norm, whose batch statistics train, gene-batch dispersion, no C extension) and autograd
+runs the step.
 """
 
 from __future__ import annotations
@@ -182,11 +182,16 @@ class ReferenceStep:
         self.b_a = dec.scale.bias.detach()
         self.b_p = None if dec.dropout_logits is None else dec.dropout_logits.bias.detach()
         dispersion = model.dispersion
-        if not isinstance(dispersion, torch.nn.Parameter) or dispersion.dim() != 1:
-            raise ValueError("the hand-written step takes one dispersion per gene")
-        self.log_theta = dispersion.detach()
-        self.theta = torch.empty_like(self.log_theta)
-        self.grad_log_theta = grads.setdefault(id(dispersion), torch.zeros_like(dispersion))
+        # Poisson: no dispersion, no θ terms. Otherwise one log θ per gene.
+        self.log_theta: torch.Tensor | None = None
+        self.theta: torch.Tensor | None = None
+        self.grad_log_theta: torch.Tensor | None = None
+        if dispersion is not None:
+            if not isinstance(dispersion, torch.nn.Parameter) or dispersion.dim() != 1:
+                raise ValueError("the hand-written step takes one dispersion per gene, or none")
+            self.log_theta = dispersion.detach()
+            self.theta = torch.empty_like(self.log_theta)
+            self.grad_log_theta = grads.setdefault(id(dispersion), torch.zeros_like(dispersion))
         parameters = list(model.parameters())
         if {id(p) for p in parameters} != set(grads) or not all(
             p.requires_grad and _plain(p) for p in parameters
@@ -216,7 +221,7 @@ class ReferenceStep:
             grad_h=torch.empty(n, self.n_hidden),
             first=torch.empty(n, self.n_hidden),
             h_scaled=torch.empty(n, self.n_hidden),
-            grad_lt=torch.empty(n, self.n_genes),
+            grad_lt=torch.empty(n, self.n_genes if self.theta is not None else 0),
         )
         enc, dec = _state(self.encoder, n), _state(self.decoder, n)
         heads = _HeadBlocks.make(n, self.heads_w, self.kernels)
@@ -247,7 +252,7 @@ class ReferenceStep:
             bias_a=self.b_a,
             bias_p=self.b_p,
             out=(lat["nll"], grad_a, grad_p),
-            grad_lt=lat["grad_lt"],
+            grad_lt=None if self.theta is None else lat["grad_lt"],
         )
         buffers = _Buffers(
             enc=enc,
@@ -305,16 +310,17 @@ class ReferenceStep:
             self.theta,
             self.log_theta,
             zinb=self.zinb,
-            want_theta=True,
+            want_theta=self.theta is not None,
             bias_a=self.b_a,
             bias_p=self.b_p,
             out=(lat["nll"], grad_a, grad_p),
         )
-        assert grad_lt is not None
-        lat["grad_lt"].copy_(grad_lt)
+        if grad_lt is not None:
+            lat["grad_lt"].copy_(grad_lt)
 
     def _log_gamma(self, b: _Buffers, batch: Minibatch, n: int) -> tuple[float, torch.Tensor]:
         """``Σ_i Σ_g log Γ(x+θ) − log Γ(θ)`` over the stored counts, and its θ-gradient / n."""
+        assert self.theta is not None
         stored = batch.stored
         if stored is not None and native.csr_supported(stored.csr):
             value, grad = native.theta_log_gamma_with_grad(
@@ -352,7 +358,9 @@ class ReferenceStep:
             assert blk.weight is not None
             assert blk.source is not None
             blk.weight.copy_(blk.source.detach().t())
-        torch.exp(self.log_theta, out=self.theta)
+        if self.log_theta is not None:
+            assert self.theta is not None
+            torch.exp(self.log_theta, out=self.theta)
         x_log = batch.x_log
         torch.addmm(self.b1, x_log, self.w1.t(), out=lat["first"])
         lat["noise"].normal_(generator=generator)
@@ -363,9 +371,12 @@ class ReferenceStep:
         b.heads.backward(lat["grad_h"])
         torch.mul(b.dec.out[-1], 1.0 / n, out=lat["h_scaled"])
         b.heads.weight_gradients(lat["h_scaled"], self.grad_heads_w, self.grad_heads_b, 1.0 / n)
-        log_gamma, grad_theta = self._log_gamma(b, batch, n)
-        torch.sum(lat["grad_lt"], 0, out=self.grad_log_theta).mul_(1.0 / n)
-        self.grad_log_theta.sub_(grad_theta.mul_(self.theta))
+        log_gamma = 0.0
+        if self.grad_log_theta is not None:
+            assert self.theta is not None
+            log_gamma, grad_theta = self._log_gamma(b, batch, n)
+            torch.sum(lat["grad_lt"], 0, out=self.grad_log_theta).mul_(1.0 / n)
+            self.grad_log_theta.sub_(grad_theta.mul_(self.theta))
         _fastnet.net_backward(*b.common, 0, 1.0 / n, kl_weight / n, threads)
         if self.grad_w1 is not None:
             torch.mm(b.enc.dpre[0].t(), x_log, out=self.grad_w1)
