@@ -106,10 +106,12 @@ def test_reference_step_equals_plain_loss_and_gradients(
         )
 
 
-def test_reference_training_takes_the_autograd_path() -> None:
+@pytest.mark.parametrize("likelihood", ["zinb", "poisson"])
+def test_reference_training_takes_the_autograd_path(likelihood: str) -> None:
     """Same seeds, same noise (dropout off): training ends where autograd's training does."""
     cfg = ModelConfig(n_genes=N_GENES, covariate_sizes=(3,), n_hidden=16, n_latent=4,
-                      dropout=0.0, encoder_norm="layer", decoder_norm="layer")  # fmt: skip
+                      dropout=0.0, encoder_norm="layer", decoder_norm="layer",
+                      likelihood=likelihood)  # fmt: skip
     x, codes = _data(cfg)
     counts = CountMatrix.from_matrix(x.numpy())
     options = TrainOptions(epochs=4, batch_size=8, seed=2, validation_fraction=0.2)
