@@ -12,9 +12,10 @@ runs them in C (``hubarches._fastnet``), one call per block each way. The noise 
 draws the losses and gradients are the autograd path's to float rounding
 (``tests/test_fastnet.py``).
 
-Used for float32 CPU models whose dispersion is frozen; :func:`query_step` returns None
-elsewhere (a GPU, float64, gene-batch dispersion, ``HUBARCHES_NATIVE=0``, no compiler at
-install) and training runs through autograd instead.
+Used for float32 CPU models, with gene-batch dispersion too (the query's new θ columns
+train: :mod:`hubarches.fasttheta`); :func:`query_step` returns None elsewhere (a GPU,
+float64, ``HUBARCHES_NATIVE=0``, no compiler at install) and training runs through autograd
+instead.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 
 from hubarches import native
 from hubarches.batching import Minibatch
+from hubarches.fasttheta import BatchTheta
 from hubarches.gemm import FrozenProduct
 from hubarches.model import CVAE, VAR_EPS
 from hubarches.nn import CovariateWeight, HiddenBlock
@@ -503,6 +505,9 @@ class QueryStep:
             _block(b, grads, first=k == 0, dropout=dropout) for k, b in enumerate(enc.mlp.blocks)
         ]
         self.decoder = [_block(b, grads, first=False, dropout=False) for b in dec.mlp.blocks]
+        # Gene-batch dispersion: each cell's θ row gathered every step (fasttheta).
+        disp = model.dispersion
+        self.batch_theta = BatchTheta(disp, grads) if isinstance(disp, CovariateWeight) else None
         # The C tables point into these tensors: kept here, since a later step on the same
         # model replaces the parameters' ``.grad`` and would otherwise free them.
         self._grads = grads
@@ -525,7 +530,7 @@ class QueryStep:
             _address(t.detach())
             for t in (enc.mean.weight, enc.mean.bias, enc.log_var.weight, enc.log_var.bias)
         )
-        log_theta = model.log_dispersion(codes[:1])
+        log_theta = None if self.batch_theta is not None else model.log_dispersion(codes[:1])
         self.log_theta = None if log_theta is None else log_theta.detach().contiguous()
         self.theta = None if self.log_theta is None else torch.exp(self.log_theta)
         self.n_latent = model.config.n_latent
@@ -548,6 +553,13 @@ class QueryStep:
             latent["grad_heads"] = torch.empty(n, self.w_heads.shape[0])
             latent["nll"] = torch.empty(n)
             latent["grad_h"] = torch.empty(n, self.n_hidden)
+            theta, log_theta, grad_lt = self.theta, self.log_theta, None
+            if self.batch_theta is not None:  # per cell, gathered every step
+                theta = latent["theta"] = torch.empty(n, self.n_genes)
+                log_theta = latent["log_theta"] = torch.empty(n, self.n_genes)
+                if self.batch_theta.trains:
+                    grad_lt = latent["grad_lt"] = torch.empty(n, self.n_genes)
+                latent["weights"] = torch.full((n,), 1.0 / n)
             enc, dec = _state(self.encoder, n), _state(self.decoder, n)
             self._states[n] = (enc, dec, latent)
             g, heads, grads = self.n_genes, latent["heads"], latent["grad_heads"]
@@ -562,12 +574,13 @@ class QueryStep:
             self._cores[n] = native.PreparedCore(
                 a,
                 p,
-                self.theta,
-                self.log_theta,
+                theta,
+                log_theta,
                 zinb=self.zinb,
                 bias_a=self.b_a,
                 bias_p=self.b_p if self.zinb else None,
                 out=(latent["nll"], grad_a, grad_p),
+                grad_lt=grad_lt,
             )
             self._inputs[n] = _Inputs.make(
                 n,
@@ -632,19 +645,22 @@ class QueryStep:
         else:  # dense counts
             a, p, grad_a, grad_p = self._views[n]
             out = self._states[n][2]
-            nll, *_ = native.native_core(
+            per_cell = self.batch_theta is not None
+            nll, _, _, grad_lt = native.native_core(
                 a,
                 p,
                 batch.x,
                 torch.from_numpy(library),
-                self.theta,
-                self.log_theta,
+                out["theta"] if per_cell else self.theta,
+                out["log_theta"] if per_cell else self.log_theta,
                 zinb=self.zinb,
-                want_theta=False,
+                want_theta="grad_lt" in out,
                 bias_a=self.b_a,
                 bias_p=self.b_p if self.zinb else None,
                 out=(out["nll"], grad_a, grad_p),
             )
+            if grad_lt is not None:
+                out["grad_lt"].copy_(grad_lt)
         # Both heads' gradients side by side in one buffer: one product back.
         backward()
         return nll
@@ -671,11 +687,21 @@ class QueryStep:
         noise.normal_(generator=generator)
         self._fill_seeds(inputs.seeds)
         common = inputs.common
+        lat = self._states[n][2]
+        bt = self.batch_theta
+        if bt is not None:
+            index = bt.gather(inputs.codes[:, 0].copy(), lat["log_theta"], lat["theta"])
         _fastnet.net_forward(*common, inputs.seeds_at, 0.0, 0.0, threads)
         self._heads(n, batch, inputs.library, checked)
+        theta_terms = 0.0
+        if bt is not None and bt.trains:
+            theta_terms = bt.log_gamma_and_gradient(
+                batch, index, lat["theta"], lat["grad_lt"], lat["weights"]
+            )
         _fastnet.net_backward(*common, 0, 1.0 / n, kl_weight / n, threads)
         self._adam.step()
         nll, kl_sum, gamma = _fastnet.totals(*inputs.totals)
+        gamma += theta_terms
         reconstruction = (nll - gamma) / n
         kl = kl_sum / n
         return reconstruction + kl_weight * kl, reconstruction, kl
@@ -693,11 +719,12 @@ def query_step(
 ) -> QueryStep | None:
     """A :class:`QueryStep` for this frozen, grown model, or None where it cannot run.
 
-    ``dropout`` says whether the encoder's dropout is on (``dropout_in_query``).
+    ``log_gamma``: each cell's constant likelihood terms, ``Σ log Γ(x+θ) − log Γ(θ) −
+    log Γ(x+1)``; where θ trains (gene-batch dispersion, new batches) only ``−Σ log Γ(x+1)``,
+    the step taking the θ terms. ``dropout`` says whether the encoder's dropout is on
+    (``dropout_in_query``).
     """
     if _fastnet is None or not native.available() or log_gamma is None:
-        return None
-    if isinstance(model.dispersion, CovariateWeight):  # θ per cell: the core's other mode
         return None
     tensors = [first_expression, log_gamma, log_library, *model.parameters(), *model.buffers()]
     if any(t.device.type != "cpu" for t in tensors):

@@ -29,6 +29,7 @@ from hubarches.fastlik import (
 from hubarches.fastnet import AdamSettings, query_step
 from hubarches.fastref import reference_step
 from hubarches.model import CVAE, LossTerms
+from hubarches.nn import CovariateWeight
 from hubarches.optim import Adam
 from hubarches.surgery import freeze_reference, new_parameters
 
@@ -394,6 +395,17 @@ def frozen_log_gamma(
     return out
 
 
+def _theta_free_log_gamma(model: CVAE, counts: Counts) -> torch.Tensor | None:
+    """``−Σ log Γ(x+1)`` per cell, for gene-batch dispersion; None otherwise.
+
+    Where θ trains per batch, the hand-written query step takes the θ terms step by step
+    (:mod:`hubarches.fasttheta`) and only these from here.
+    """
+    if not isinstance(model.dispersion, CovariateWeight):
+        return None
+    return -data_log_factorial(counts).to(next(model.parameters()).device)
+
+
 def train_query(
     extension: CVAE,
     counts: Counts,
@@ -423,7 +435,7 @@ def train_query(
         extension,
         codes_t,
         first_expression=first_expression,
-        log_gamma=log_gamma,
+        log_gamma=log_gamma if log_gamma is not None else _theta_free_log_gamma(extension, counts),
         log_library=log_library,
         dropout=options.dropout_in_query,
         adam=AdamSettings(lr=options.lr, eps=options.adam_eps, weight_decay=options.weight_decay),

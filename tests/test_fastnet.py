@@ -67,13 +67,19 @@ def _plain_gradients(
     return stats, [p.grad for p in new_parameters(ref)]
 
 
+def _log_gamma(ext: CVAE, counts: CountMatrix, codes: torch.Tensor) -> torch.Tensor | None:
+    """What train_query gives the step: the frozen terms, or those without θ where θ trains."""
+    frozen = frozen_log_gamma(ext, counts, codes)
+    return frozen if frozen is not None else train_module._theta_free_log_gamma(ext, counts)
+
+
 def _step(ext: CVAE, x: torch.Tensor, codes: torch.Tensor, *, dropout: bool) -> QueryStep:
     counts = CountMatrix.from_matrix(x.numpy())
     step = query_step(
         ext,
         codes,
         first_expression=first_layer_expression(ext, counts),
-        log_gamma=frozen_log_gamma(ext, counts, codes),
+        log_gamma=_log_gamma(ext, counts, codes),
         log_library=_log_library(counts.library()),
         dropout=dropout,
         adam=FROZEN,
@@ -89,6 +95,8 @@ CONFIGS = [
     {"n_layers": 2, "covariate_injection": "all", "covariate_sizes": (3, 2)},
     {"n_layers": 3, "covariate_injection": "first", "encoder_norm": "batch"},
     {"encode_covariates": False, "n_layers": 2},
+    {"dispersion": "gene-batch"},
+    {"dispersion": "gene-batch", "likelihood": "nb", "covariate_sizes": (3, 2)},
 ]
 
 
@@ -106,6 +114,13 @@ def test_query_step_equals_plain_loss_and_gradients(
     cfg = ModelConfig(**{**base, **options})
     ext = _grown(cfg)
     x, codes = _data(cfg)
+    _check_against_plain(ext, x, codes, dropout=dropout, dense=dense)
+
+
+def _check_against_plain(
+    ext: CVAE, x: torch.Tensor, codes: torch.Tensor, *, dropout: bool, dense: bool
+) -> QueryStep:
+    """One step by hand: its loss terms and gradients against autograd's on the plain loss."""
     step = _step(ext, x, codes, dropout=dropout)
     noise_seed = 5
     rows = np.arange(N_CELLS)[::-1].copy()  # not in order: rows index the cached terms
@@ -117,7 +132,7 @@ def test_query_step_equals_plain_loss_and_gradients(
     noise = ext.draw_noise(N_CELLS, generator=torch.Generator().manual_seed(noise_seed), like=x)
     state = step._buffers(N_CELLS)[0]
     masks = [state.mask[k] if b.dropout > 0 else None for k, b in enumerate(step.encoder)]
-    assert (masks[0] is not None) == (dropout and cfg.dropout > 0)
+    assert (masks[0] is not None) == (dropout and ext.config.dropout > 0)
     expected, grads = _plain_gradients(ext, x[rows], codes[rows], noise, masks, 0.3)
     np.testing.assert_allclose(stats, expected, rtol=2e-5, atol=1e-3)
     trainable = new_parameters(ext)
@@ -126,11 +141,30 @@ def test_query_step_equals_plain_loss_and_gradients(
         assert p.grad is not None
         scale = float(g.abs().max()) + 1e-12
         torch.testing.assert_close(p.grad.double() / scale, g / scale, rtol=0, atol=2e-5)
+    return step
 
 
-def test_query_step_trains_as_the_autograd_step_does() -> None:
+@pytest.mark.parametrize("dense", [False, True])
+def test_query_step_with_gene_batch_dispersion_and_no_new_batch(dense: bool) -> None:
+    """θ per cell but frozen (the query's batches are the reference's): no θ terms train."""
+    cfg = ModelConfig(n_genes=N_GENES, covariate_sizes=(2, 2), n_hidden=16, n_latent=4,
+                      dispersion="gene-batch")  # fmt: skip
+    ref = build_model(cfg, seed=0)
+    ref.trained.fill_(True)
+    ext = grow(ref, (0, 1), seed=0)  # a new category of the second covariate only
+    ext.eval()
+    x, codes = _data(cfg)
+    codes[:, 0] %= 2  # reference batches only
+    step = _check_against_plain(ext, x, codes, dropout=False, dense=dense)
+    assert step.batch_theta is not None
+    assert not step.batch_theta.trains
+
+
+@pytest.mark.parametrize("dispersion", ["gene", "gene-batch"])
+def test_query_step_trains_as_the_autograd_step_does(dispersion: str) -> None:
     """Same seeds, same noise (dropout off): training takes the same path either way."""
-    cfg = ModelConfig(n_genes=N_GENES, covariate_sizes=(2,), n_hidden=16, n_latent=4)
+    cfg = ModelConfig(n_genes=N_GENES, covariate_sizes=(2,), n_hidden=16, n_latent=4,
+                      dispersion=dispersion)  # fmt: skip
     ext = _grown(cfg)
     x, codes = _data(cfg)
     counts = CountMatrix.from_matrix(x.numpy())
@@ -139,12 +173,25 @@ def test_query_step_trains_as_the_autograd_step_does() -> None:
     for use_step in (True, False):
         model = copy.deepcopy(ext)
         original = train_module.query_step
-        if not use_step:
-            train_module.query_step = lambda *a, **k: None  # type: ignore[assignment]
+        used: list[bool] = []
+
+        def spy(
+            *a: object,
+            _on: bool = use_step,
+            _used: list[bool] = used,
+            _original: object = original,
+            **k: object,
+        ) -> object:
+            step = _original(*a, **k) if _on else None  # type: ignore[operator]
+            _used.append(step is not None)
+            return step
+
+        train_module.query_step = spy  # type: ignore[assignment]
         try:
             history = train_query(model, counts, codes.numpy(), options=options)
         finally:
             train_module.query_step = original
+        assert used == [use_step]
         results.append((history, [p.detach().clone() for p in new_parameters(model)]))
     (fast, w_fast), (plain, w_plain) = results
     losses = [[e.loss for e in h.epochs] for h in (fast, plain)]
@@ -228,7 +275,7 @@ def test_query_step_is_not_used_where_it_cannot_run(monkeypatch: pytest.MonkeyPa
     ext = _grown(cfg)
     x, codes = _data(cfg)
     assert query_step(ext, codes, **_inputs(ext, x, codes)) is not None
-    # θ trains (gene-batch dispersion with a new batch): no frozen log-gamma terms
+    # θ trains (gene-batch dispersion with a new batch) and no θ-free log-gamma terms given
     batchwise = _grown(ModelConfig(**{**cfg.__dict__, "dispersion": "gene-batch"}))
     assert query_step(batchwise, codes, **_inputs(batchwise, x, codes)) is None
     # float64 models

@@ -227,8 +227,15 @@ def test_default_epochs_follows_scvi_heuristic() -> None:
     assert default_epochs(10_000_000) == 1
 
 
-def test_query_training_optimizes_only_the_new_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The optimizer is handed exactly the tensors surgery added, and nothing else moves."""
+@pytest.mark.parametrize("by_hand", [False, True])
+def test_query_training_optimizes_only_the_new_tensors(
+    by_hand: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The optimizer is handed exactly the tensors surgery added, and nothing else moves.
+
+    Through autograd (torch's Adam) and through the step by hand (Adam in C), which gene-batch
+    dispersion takes too.
+    """
     rng = np.random.default_rng(0)
     x = rng.poisson(3.0, (48, 12)).astype(np.float32) + 1
     cfg = ModelConfig(
@@ -248,6 +255,14 @@ def test_query_training_optimizes_only_the_new_tensors(monkeypatch: pytest.Monke
         return optimizers[-1]
 
     monkeypatch.setattr(train_module, "_adam", recording_adam)
+    steps: list = []
+    real_step = train_module.query_step
+
+    def recording_step(*a, **k):
+        steps.append(real_step(*a, **k) if by_hand else None)
+        return steps[-1]
+
+    monkeypatch.setattr(train_module, "query_step", recording_step)
     query_codes = np.stack([2 + np.arange(48) % 2, np.full(48, 2)], axis=1)
     train_query(
         ext, CountMatrix.from_matrix(x), query_codes, options=TrainOptions(epochs=2, batch_size=16)
@@ -255,10 +270,19 @@ def test_query_training_optimizes_only_the_new_tensors(monkeypatch: pytest.Monke
     expected = new_parameters(ext)
     # Gene-batch dispersion, both covariates of both layers of encoder and decoder.
     assert len(expected) == 1 + 2 * 2 * 2
+    assert len(steps) == 1
+    if by_hand:
+        assert steps[0] is not None
+        assert not handed  # no torch optimizer: the step's Adam runs in C
+        handed = [steps[0].trainable]
     assert len(handed) == 1
     assert len(handed[0]) == len(expected)
     assert all(got is want for got, want in zip(handed[0], expected, strict=True))
-    held = [p for group in optimizers[0].param_groups for p in group["params"]]
+    held = (
+        handed[0]
+        if by_hand
+        else [p for group in optimizers[0].param_groups for p in group["params"]]
+    )
     assert len(held) == len(expected)
     assert all(got is want for got, want in zip(held, expected, strict=True))
     new_ids = {id(p) for p in expected}
