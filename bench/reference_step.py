@@ -6,7 +6,7 @@ hubarches' Adam (what it uses elsewhere). Each minibatch goes to both, one after
 and each step is timed alone, so that the host's drift falls on both alike.
 
     .venv/bin/python bench/reference_step.py --cells 5000 --epochs 3 --threads 2
-        [--likelihood zinb|nb|poisson]
+        [--likelihood zinb|nb|poisson] [--dispersion gene|gene-batch]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip", type=int, default=20, help="first steps left out (warm-up)")
     ap.add_argument("--likelihood", choices=["zinb", "nb", "poisson"], default="zinb")
+    ap.add_argument("--dispersion", choices=["gene", "gene-batch"], default="gene")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ref, _ = simulate_reference_and_query(
@@ -54,7 +55,7 @@ def main() -> None:
     config = ModelConfig(
         n_genes=len(prepared.genes),
         covariate_sizes=tuple(len(c) for _, c in prepared.covariates),
-        **{**ARCHITECTURE, "likelihood": args.likelihood},
+        **{**ARCHITECTURE, "likelihood": args.likelihood, "dispersion": args.dispersion},
     )
     counts = CountMatrix.from_matrix(prepared.X)
     codes = torch.as_tensor(prepared.codes, dtype=torch.int64)

@@ -10,10 +10,10 @@ with every block's and latent head's weight gradient, the heads' and the first l
 gradients as two products, and Adam in C. For the same noise and masks the loss and every
 gradient are autograd's to float rounding (``tests/test_fastref.py``).
 
-Used for float32 CPU models with one dispersion per gene (or none: Poisson) and layer norm
-without affine parameters (or none); :func:`reference_step` returns None elsewhere (a GPU,
-batch norm, whose batch statistics train, gene-batch dispersion, no C extension) and autograd
-runs the step.
+Used for float32 CPU models with one dispersion per gene, per gene and batch
+(:mod:`hubarches.fasttheta`) or none (Poisson), and layer norm without affine parameters (or
+none); :func:`reference_step` returns None elsewhere (a GPU, batch norm, whose batch
+statistics train, no C extension) and autograd runs the step.
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ from hubarches.fastnet import (
     gather_table,
     net_plan,
 )
+from hubarches.fasttheta import BatchTheta
 from hubarches.gemm import Stacked, kernels_available, times, times_transposed, transposed_times
 from hubarches.model import CVAE
+from hubarches.nn import CovariateWeight
 
 __all__ = ["ReferenceStep", "reference_step"]
 
@@ -182,11 +184,15 @@ class ReferenceStep:
         self.b_a = dec.scale.bias.detach()
         self.b_p = None if dec.dropout_logits is None else dec.dropout_logits.bias.detach()
         dispersion = model.dispersion
-        # Poisson: no dispersion, no θ terms. Otherwise one log θ per gene.
+        # Poisson: no dispersion, no θ terms. Otherwise one log θ per gene, or per gene and
+        # batch (each cell's row gathered every step).
         self.log_theta: torch.Tensor | None = None
         self.theta: torch.Tensor | None = None
         self.grad_log_theta: torch.Tensor | None = None
-        if dispersion is not None:
+        self.batch_theta: BatchTheta | None = None
+        if isinstance(dispersion, CovariateWeight):
+            self.batch_theta = BatchTheta(dispersion, grads)
+        elif dispersion is not None:
             if not isinstance(dispersion, torch.nn.Parameter) or dispersion.dim() != 1:
                 raise ValueError("the hand-written step takes one dispersion per gene, or none")
             self.log_theta = dispersion.detach()
@@ -221,8 +227,11 @@ class ReferenceStep:
             grad_h=torch.empty(n, self.n_hidden),
             first=torch.empty(n, self.n_hidden),
             h_scaled=torch.empty(n, self.n_hidden),
-            grad_lt=torch.empty(n, self.n_genes if self.theta is not None else 0),
+            grad_lt=torch.empty(n, self.n_genes if self._theta_trains else 0),
         )
+        if self.batch_theta is not None:
+            lat["theta"] = torch.empty(n, self.n_genes)
+            lat["log_theta"] = torch.empty(n, self.n_genes)
         enc, dec = _state(self.encoder, n), _state(self.decoder, n)
         heads = _HeadBlocks.make(n, self.heads_w, self.kernels)
         header = {
@@ -243,16 +252,17 @@ class ReferenceStep:
         header.update(zip(names, map(_address, self.latent_grads), strict=True))
         plan = net_plan(header, (self.encoder, enc), (self.decoder, dec))
         a, p, grad_a, grad_p = self._views(heads)
+        theta, log_theta = self._thetas(lat)
         core = native.PreparedCore(
             a,
             p,
-            self.theta,
-            self.log_theta,
+            theta,
+            log_theta,
             zinb=self.zinb,
             bias_a=self.b_a,
             bias_p=self.b_p,
             out=(lat["nll"], grad_a, grad_p),
-            grad_lt=None if self.theta is None else lat["grad_lt"],
+            grad_lt=lat["grad_lt"] if self._theta_trains else None,
         )
         buffers = _Buffers(
             enc=enc,
@@ -283,6 +293,19 @@ class ReferenceStep:
         )  # fmt: skip
         return buffers
 
+    @property
+    def _theta_trains(self) -> bool:
+        """Whether the model has a θ to train (not Poisson)."""
+        return self.theta is not None or self.batch_theta is not None
+
+    def _thetas(
+        self, lat: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The θ and log θ the core reads: per gene, or the buffers of per-cell rows."""
+        if self.batch_theta is not None:
+            return lat["theta"], lat["log_theta"]
+        return self.theta, self.log_theta
+
     def _views(
         self, heads: _HeadBlocks
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
@@ -302,15 +325,16 @@ class ReferenceStep:
             b.core(stored.csr, stored.rows, b.library)
             return
         a, p, grad_a, grad_p = self._views(b.heads)
+        theta, log_theta = self._thetas(lat)
         _, _, _, grad_lt = native.native_core(
             a,
             p,
             batch.x,
             torch.from_numpy(b.library),
-            self.theta,
-            self.log_theta,
+            theta,
+            log_theta,
             zinb=self.zinb,
-            want_theta=self.theta is not None,
+            want_theta=self._theta_trains,
             bias_a=self.b_a,
             bias_p=self.b_p,
             out=(lat["nll"], grad_a, grad_p),
@@ -361,6 +385,9 @@ class ReferenceStep:
         if self.log_theta is not None:
             assert self.theta is not None
             torch.exp(self.log_theta, out=self.theta)
+        bt = self.batch_theta
+        if bt is not None:
+            index = bt.gather(b.codes[:, 0].copy(), lat["log_theta"], lat["theta"])
         x_log = batch.x_log
         torch.addmm(self.b1, x_log, self.w1.t(), out=lat["first"])
         lat["noise"].normal_(generator=generator)
@@ -372,7 +399,11 @@ class ReferenceStep:
         torch.mul(b.dec.out[-1], 1.0 / n, out=lat["h_scaled"])
         b.heads.weight_gradients(lat["h_scaled"], self.grad_heads_w, self.grad_heads_b, 1.0 / n)
         log_gamma = 0.0
-        if self.grad_log_theta is not None:
+        if bt is not None:
+            log_gamma = bt.log_gamma_and_gradient(
+                batch, index, lat["theta"], lat["grad_lt"], b.weights
+            )
+        elif self.grad_log_theta is not None:
             assert self.theta is not None
             log_gamma, grad_theta = self._log_gamma(b, batch, n)
             torch.sum(lat["grad_lt"], 0, out=self.grad_log_theta).mul_(1.0 / n)

@@ -1,11 +1,11 @@
-"""Gene-batch dispersion in the hand-written query step (:class:`hubarches.fastnet.QueryStep`).
+"""Gene-batch dispersion in the hand-written training steps (fastnet's and fastref's).
 
-With one θ per gene and batch, each cell reads the θ row of its batch: the reference's
-columns stay frozen, the columns surgery added for the query's batches train. Each step
-gathers the cells' ``log θ`` rows for the C core (which then also gives the per-cell
-gradient in ``log θ``), and, where θ trains, takes the log-gamma terms ``Σ log Γ(x+θ) −
-log Γ(θ)`` and their θ-gradient, one C pass over the stored counts per batch in the
-minibatch. The added columns' gradient is the sum over their cells.
+With one θ per gene and batch, each cell reads the θ row of its batch. In query training the
+reference's columns stay frozen and the columns surgery added for the query's batches train;
+in reference training every column trains. Each step gathers the cells' ``log θ`` rows for
+the C core (which then also gives the per-cell gradient in ``log θ``), and, where θ trains,
+takes the log-gamma terms ``Σ log Γ(x+θ) − log Γ(θ)`` and their θ-gradient, one C pass over
+the stored counts per batch in the minibatch. A column's gradient is the sum over its cells.
 """
 
 from __future__ import annotations
@@ -25,28 +25,32 @@ class BatchTheta:
     """The θ rows of a step's cells, and the gradient of the added columns, step by step."""
 
     def __init__(self, dispersion: CovariateWeight, grads: dict[int, torch.Tensor]) -> None:
-        reference = dispersion.weight.detach()  # [n_genes, reference categories]
-        self.n_genes, self.n_reference = reference.shape
-        self.added = dispersion.weight_new
-        # log θ by category, one contiguous row each: the reference's rows set once here.
+        self.n_genes = dispersion.weight.shape[0]
+        # log θ by category, one contiguous row each: frozen columns' rows set once here.
         self.table = torch.empty(dispersion.n_categories, self.n_genes)
-        self.table[: self.n_reference] = reference.t()
+        parts: list[tuple[int, torch.Tensor]] = [(0, dispersion.weight)]
+        if dispersion.weight_new is not None:
+            parts.append((dispersion.weight.shape[1], dispersion.weight_new))
+        for start, w in parts:
+            self.table[start : start + w.shape[1]] = w.detach().t()
         self.theta_table = torch.exp(self.table)
-        self.trains = self.added is not None and self.added.requires_grad
-        self.grad_added: torch.Tensor | None = None
-        if self.trains:
-            assert self.added is not None
-            self.grad_added = grads.setdefault(id(self.added), torch.zeros_like(self.added))
+        # The columns that train, each with its first category and its gradient buffer.
+        self.trained = [
+            (start, w, grads.setdefault(id(w), torch.zeros_like(w)))
+            for start, w in parts
+            if w.requires_grad
+        ]
+        self.trains = bool(self.trained)
         self._grad_table = torch.zeros(dispersion.n_categories, self.n_genes)
 
     def gather(
         self, categories: np.ndarray, log_theta: torch.Tensor, theta: torch.Tensor
     ) -> torch.Tensor:
         """Each cell's ``log θ`` and θ rows into the buffers; returns the categories' index."""
-        if self.added is not None:
-            added = self.added.detach().t()
-            self.table[self.n_reference :] = added
-            torch.exp(added, out=self.theta_table[self.n_reference :])
+        for start, w, _ in self.trained:
+            rows = slice(start, start + w.shape[1])
+            self.table[rows] = w.detach().t()
+            torch.exp(self.table[rows], out=self.theta_table[rows])
         index = torch.from_numpy(categories)
         torch.index_select(self.table, 0, index, out=log_theta)
         torch.index_select(self.theta_table, 0, index, out=theta)
@@ -60,12 +64,12 @@ class BatchTheta:
         grad_lt: torch.Tensor,
         weights: torch.Tensor,
     ) -> float:
-        """``Σ_i Σ_g log Γ(x+θ) − log Γ(θ)`` over the step's cells; the added columns' gradient.
+        """``Σ_i Σ_g log Γ(x+θ) − log Γ(θ)`` over the step's cells; the trained columns' gradient.
 
         ``grad_lt`` is the core's per-cell gradient in ``log θ`` (of the summed NLL without
         these terms), ``weights`` the cells' weights in the mean loss (1/n each).
         """
-        assert self.grad_added is not None
+        assert self.trains
         n = len(index)
         scale = float(weights[0]) if n else 0.0
         grad = self._grad_table.zero_()
@@ -90,5 +94,6 @@ class BatchTheta:
                 (grad_theta,) = torch.autograd.grad(terms, per_cell)
             total = float(terms.detach())
             grad.index_add_(0, index, grad_theta.mul_(theta), alpha=-scale)
-        self.grad_added.copy_(grad[self.n_reference :].t())
+        for start, w, grad_w in self.trained:
+            grad_w.copy_(grad[start : start + w.shape[1]].t())
         return total

@@ -57,6 +57,8 @@ CONFIGS = [
     {},
     {"likelihood": "nb"},
     {"likelihood": "poisson", "n_layers": 2},
+    {"dispersion": "gene-batch", "covariate_sizes": (3, 2)},
+    {"dispersion": "gene-batch", "likelihood": "nb"},
     {"n_layers": 2, "covariate_sizes": (3, 2)},
     {"n_layers": 3, "covariate_injection": "first", "encoder_norm": "none"},
     {"encode_covariates": False, "n_layers": 2, "decoder_norm": "none"},
@@ -106,12 +108,14 @@ def test_reference_step_equals_plain_loss_and_gradients(
         )
 
 
-@pytest.mark.parametrize("likelihood", ["zinb", "poisson"])
-def test_reference_training_takes_the_autograd_path(likelihood: str) -> None:
+@pytest.mark.parametrize(
+    "options", [{}, {"likelihood": "poisson"}, {"dispersion": "gene-batch"}], ids=str
+)
+def test_reference_training_takes_the_autograd_path(options: dict) -> None:
     """Same seeds, same noise (dropout off): training ends where autograd's training does."""
     cfg = ModelConfig(n_genes=N_GENES, covariate_sizes=(3,), n_hidden=16, n_latent=4,
                       dropout=0.0, encoder_norm="layer", decoder_norm="layer",
-                      likelihood=likelihood)  # fmt: skip
+                      **options)  # fmt: skip
     x, codes = _data(cfg)
     counts = CountMatrix.from_matrix(x.numpy())
     options = TrainOptions(epochs=4, batch_size=8, seed=2, validation_fraction=0.2)
@@ -173,11 +177,10 @@ def test_reference_training_by_hand_moves_every_tensor() -> None:
     [
         {"encoder_norm": "batch"},
         {"decoder_norm": "batch"},
-        {"dispersion": "gene-batch"},
     ],
 )
 def test_reference_step_is_not_used_where_it_cannot_run(options: dict) -> None:
-    """Batch statistics and gene-batch dispersion: autograd runs those steps."""
+    """Batch statistics: autograd runs those steps."""
     cfg = ModelConfig(n_genes=N_GENES, covariate_sizes=(3,), n_hidden=16, n_latent=4, **options)
     model = build_model(cfg)
     x, codes = _data(cfg)
