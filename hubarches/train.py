@@ -396,14 +396,16 @@ def frozen_log_gamma(
 
 
 def _theta_free_log_gamma(model: CVAE, counts: Counts) -> torch.Tensor | None:
-    """``−Σ log Γ(x+1)`` per cell, for gene-batch dispersion; None otherwise.
+    """``−Σ log Γ(x+1)`` per cell, for gene-batch dispersion on the CPU; None otherwise.
 
-    Where θ trains per batch, the hand-written query step takes the θ terms step by step
-    (:mod:`hubarches.fasttheta`) and only these from here.
+    Where θ trains per batch, the hand-written query step (CPU only) takes the θ terms step
+    by step (:mod:`hubarches.fasttheta`) and only these from here.
     """
     if not isinstance(model.dispersion, CovariateWeight):
         return None
-    return -data_log_factorial(counts).to(next(model.parameters()).device)
+    if next(model.parameters()).device.type != "cpu":
+        return None  # no step by hand there: no pass over the counts for it
+    return -data_log_factorial(counts)
 
 
 def train_query(
