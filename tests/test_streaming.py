@@ -39,6 +39,22 @@ def test_backed_query_maps_exactly_like_an_in_memory_one(setup) -> None:
     )
 
 
+def test_a_backed_gene_batch_query_maps_exactly_like_an_in_memory_one(setup) -> None:
+    """θ per gene and batch trains in the query: the same, streamed or in memory."""
+    _, query, path = setup
+    ref, _ = simulate_reference_and_query(
+        n_reference=500, n_query=300, n_genes=80, missing_fraction=0.05, shuffle_genes=True
+    )
+    reference = train_atlas(
+        ref, batch_key="batch", label_key="cell_type", config={"dispersion": "gene-batch"},
+        options=TrainOptions(epochs=2),
+    ).reference  # fmt: skip
+    in_memory = reference.map(query, batch_key="batch", epochs=2)
+    backed = reference.map(ad.read_h5ad(path, backed="r"), batch_key="batch", epochs=2)
+    np.testing.assert_array_equal(in_memory.latent, backed.latent)
+    assert np.isfinite(backed.history.final_loss)
+
+
 def test_many_blocks_stream_every_cell_once(setup, monkeypatch: pytest.MonkeyPatch) -> None:
     reference, _, path = setup
     monkeypatch.setattr(batching, "BLOCK_CELLS", 64)
