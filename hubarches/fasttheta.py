@@ -78,10 +78,11 @@ class BatchTheta:
         if stored is not None and native.csr_supported(stored.csr):
             total = 0.0
             categories = index.numpy()
+            rows = stored.rows if stored.rows is not None else np.arange(stored.csr.shape[0])
             for c in np.unique(categories):
                 picked = categories == c
                 value, grad_theta = native.theta_log_gamma_with_grad(
-                    stored.csr, stored.rows[picked], self.theta_table[c], weights[: picked.sum()]
+                    stored.csr, rows[picked], self.theta_table[c], weights[: picked.sum()]
                 )
                 assert value is not None
                 total += float(value.sum(dtype=torch.float64))
