@@ -22,7 +22,7 @@ __all__ = ["BatchTheta"]
 
 
 class BatchTheta:
-    """The θ rows of a step's cells, and the gradient of the added columns, step by step."""
+    """The θ rows of a step's cells, and the gradient of the columns that train, step by step."""
 
     def __init__(self, dispersion: CovariateWeight, grads: dict[int, torch.Tensor]) -> None:
         self.n_genes = dispersion.weight.shape[0]
@@ -89,9 +89,9 @@ class BatchTheta:
                 grad[c].sub_(grad_theta.mul_(self.theta_table[c]))
         else:  # dense counts: autograd on the per-nonzero terms
             per_cell = theta.clone().requires_grad_(True)
-            rows, cols, values = batch.nonzero
+            at, cols, values = batch.nonzero
             with torch.enable_grad():
-                terms = row_sums(_theta_log_gamma(per_cell, rows, cols, values), rows, n).sum()
+                terms = row_sums(_theta_log_gamma(per_cell, at, cols, values), at, n).sum()
                 (grad_theta,) = torch.autograd.grad(terms, per_cell)
             total = float(terms.detach())
             grad.index_add_(0, index, grad_theta.mul_(theta), alpha=-scale)
