@@ -646,6 +646,7 @@ class QueryStep:
             a, p, grad_a, grad_p = self._views[n]
             out = self._states[n][2]
             per_cell = self.batch_theta is not None
+            trains = self.batch_theta is not None and self.batch_theta.trains
             nll, _, _, grad_lt = native.native_core(
                 a,
                 p,
@@ -654,12 +655,13 @@ class QueryStep:
                 out["theta"] if per_cell else self.theta,
                 out["log_theta"] if per_cell else self.log_theta,
                 zinb=self.zinb,
-                want_theta="grad_lt" in out,
+                want_theta=trains,
                 bias_a=self.b_a,
                 bias_p=self.b_p if self.zinb else None,
                 out=(out["nll"], grad_a, grad_p),
             )
-            if grad_lt is not None:
+            if trains:
+                assert grad_lt is not None
                 out["grad_lt"].copy_(grad_lt)
         # Both heads' gradients side by side in one buffer: one product back.
         backward()

@@ -25,7 +25,7 @@ import torch
 
 from hubarches import native
 from hubarches.batching import Minibatch
-from hubarches.fastlik import _theta_log_gamma, row_sums
+from hubarches.fastlik import theta_log_gamma_and_grad
 from hubarches.fastnet import (
     _NORM_AFFINE,
     AdamSettings,
@@ -352,12 +352,8 @@ class ReferenceStep:
             )
             assert value is not None
             return float(value.sum(dtype=torch.float64)), grad
-        theta = self.theta.clone().requires_grad_(True)
-        rows, cols, values = batch.nonzero
-        with torch.enable_grad():
-            total = row_sums(_theta_log_gamma(theta, rows, cols, values), rows, n).sum()
-            (grad,) = torch.autograd.grad(total, theta)
-        return float(total.detach()), grad / n
+        total, grad = theta_log_gamma_and_grad(self.theta, batch.nonzero, n)
+        return total, grad / n
 
     @torch.no_grad()
     def __call__(

@@ -15,7 +15,7 @@ import torch
 
 from hubarches import native
 from hubarches.batching import Minibatch
-from hubarches.fastlik import _theta_log_gamma, row_sums
+from hubarches.fastlik import theta_log_gamma_and_grad
 from hubarches.nn import CovariateWeight
 
 __all__ = ["BatchTheta"]
@@ -88,12 +88,7 @@ class BatchTheta:
                 total += float(value.sum(dtype=torch.float64))
                 grad[c].sub_(grad_theta.mul_(self.theta_table[c]))
         else:  # dense counts: autograd on the per-nonzero terms
-            per_cell = theta.clone().requires_grad_(True)
-            at, cols, values = batch.nonzero
-            with torch.enable_grad():
-                terms = row_sums(_theta_log_gamma(per_cell, at, cols, values), at, n).sum()
-                (grad_theta,) = torch.autograd.grad(terms, per_cell)
-            total = float(terms.detach())
+            total, grad_theta = theta_log_gamma_and_grad(theta, batch.nonzero, n)
             grad.index_add_(0, index, grad_theta.mul_(theta), alpha=-scale)
         for start, w, grad_w in self.trained:
             grad_w.copy_(grad[start : start + w.shape[1]].t())
