@@ -629,12 +629,15 @@ static double off_table(const float *table, Py_ssize_t G, int64_t g, float x, fl
 
 #define LG_OFF_MAX 256 /* off-table counts of a row remembered; more take a second scan */
 
-/* One row's stored counts: the table terms summed (``own`` NULL) or added, weighted by w, to
- * ``own`` per gene (the gradient); then the off-table counts, remembered in the first scan.
- * ``wide`` (64-bit column indices) and ``grad`` are constants at each call site. */
+/* One row's stored counts: with ``values``, the log table's terms summed (the return value);
+ * with ``grad``, the reciprocal table's terms added, weighted by w, to ``own`` per gene (the
+ * gradient); both from one scan of the row when a step needs both. Then the off-table counts,
+ * remembered in the first scan. ``wide`` (64-bit column indices), ``values`` and ``grad`` are
+ * constants at each call site. */
 static inline __attribute__((always_inline)) double row_pass(
-    const CsrRows *m, Py_ssize_t i, const float *restrict table, double w,
-    double *restrict own, int64_t *n_bad, const int wide, const int grad) {
+    const CsrRows *m, Py_ssize_t i, const float *restrict log_table,
+    const float *restrict recip_table, const float *restrict theta, double w,
+    double *restrict own, int64_t *n_bad, const int wide, const int values, const int grad) {
     const Py_ssize_t G = m->n_cols;
     int64_t first, last;
     row_span(m, i, &first, &last);
@@ -657,11 +660,10 @@ static inline __attribute__((always_inline)) double row_pass(
             else
                 overflow = 1;
         }
-        const float term = table[(Py_ssize_t)c * G + g];
-        if (grad) {
-            own[g] += w * term;
-        } else {
-            s0 += term;
+        const Py_ssize_t at = (Py_ssize_t)c * G + g;
+        if (grad) own[g] += w * recip_table[at];
+        if (values) {
+            s0 += log_table[at];
             const float t = s0; /* two chains: halves the add latency */
             s0 = s1;
             s1 = t;
@@ -680,28 +682,34 @@ static inline __attribute__((always_inline)) double row_pass(
             if (table_slot(data[k]) != LG_ROWS - 1 || seen++ < LG_OFF_MAX) continue;
         }
         const int64_t g = wide ? idx64[k] : (int64_t)idx32[k];
-        const double term = off_table(table, G, g, data[k], m->theta[g], grad);
-        if (grad)
-            own[g] += w * term;
-        else
-            sum += term;
+        if (grad) own[g] += w * off_table(recip_table, G, g, data[k], theta[g], 1);
+        if (values) sum += off_table(log_table, G, g, data[k], theta[g], 0);
     }
     return sum;
 }
 
+/* row_pass for the tables given: ``log_table`` NULL for no values, ``own`` NULL for no
+ * gradient. */
 HA_CLONES
-static double row_terms(const CsrRows *m, Py_ssize_t i, const float *restrict table, double w,
-                        double *restrict own, int64_t *n_bad) {
-    if (m->indices_64)
-        return own ? row_pass(m, i, table, w, own, n_bad, 1, 1)
-                   : row_pass(m, i, table, w, own, n_bad, 1, 0);
-    return own ? row_pass(m, i, table, w, own, n_bad, 0, 1)
-               : row_pass(m, i, table, w, own, n_bad, 0, 0);
+static double row_terms(const CsrRows *m, Py_ssize_t i, const float *restrict log_table,
+                        const float *restrict recip_table, const float *restrict theta,
+                        double w, double *restrict own, int64_t *n_bad) {
+    const int values = log_table != NULL;
+    if (m->indices_64) {
+        if (own && values)
+            return row_pass(m, i, log_table, recip_table, theta, w, own, n_bad, 1, 1, 1);
+        return own ? row_pass(m, i, log_table, recip_table, theta, w, own, n_bad, 1, 0, 1)
+                   : row_pass(m, i, log_table, recip_table, theta, w, own, n_bad, 1, 1, 0);
+    }
+    if (own && values)
+        return row_pass(m, i, log_table, recip_table, theta, w, own, n_bad, 0, 1, 1);
+    return own ? row_pass(m, i, log_table, recip_table, theta, w, own, n_bad, 0, 0, 1)
+               : row_pass(m, i, log_table, recip_table, theta, w, own, n_bad, 0, 1, 0);
 }
 
 /* ``weights`` NULL: ``out`` gets the per-row sums. Otherwise ``out`` gets the per-gene
- * gradient and, when ``values`` is given, ``values`` the per-row sums, from the same pass over
- * the rows (each row is read twice while it is in the cache: a training step needs both).
+ * gradient and, when ``values`` is given, ``values`` the per-row sums, from the same scan of
+ * each row (a training step needs both: the scan's index loads and table slots serve both).
  * Returns 0, 1 when out of memory, 2 when a column index lies outside the matrix. */
 static int theta_lgamma_run(const CsrRows *m, const float *weights, float *out, float *values,
                             int n_threads) {
@@ -731,8 +739,9 @@ static int theta_lgamma_run(const CsrRows *m, const float *weights, float *out, 
 #endif
 #pragma omp for schedule(static)
         for (Py_ssize_t i = 0; i < m->n_rows; i++) {
-            if (row_out) row_out[i] = (float)row_terms(m, i, log_table, 0.0, NULL, &n_bad);
-            if (grad) row_terms(m, i, recip_table, (double)weights[i], own, &n_bad);
+            const double v = row_terms(m, i, row_out ? log_table : NULL, recip_table, m->theta,
+                                       grad ? (double)weights[i] : 0.0, own, &n_bad);
+            if (row_out) row_out[i] = (float)v;
         }
         if (grad) {
 #pragma omp for schedule(static)
@@ -781,6 +790,160 @@ static PyObject *theta_lgamma(PyObject *self, PyObject *args) {
     }
     if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+/* --- the same terms with θ per category (gene-batch dispersion), in one call ------------- */
+
+#define LG_GROUP 16 /* categories whose tables are held at once: bounds the scratch memory */
+
+/* Row i reads θ row ``codes[i]`` of ``theta_table`` (n_cat × G). ``grad_out`` (n_cat × G)
+ * gets, for every category c, scale Σ_{i∈c} grad_lt[i] − θ_c ⊙ Σ_{i∈c} w_i Σ_g [ψ(x+θ_c) −
+ * ψ(θ_c)]: the gradient in log θ of the mean loss, the core's part (``grad_lt``, may be NULL)
+ * and the log-gamma terms' part; rows of categories absent are zero. ``*total`` gets Σ_i Σ_g
+ * log Γ(x+θ) − log Γ(θ). Tables are built only for the categories present, LG_GROUP at a time,
+ * all in one parallel region each: a step pays no call and no region per category. Returns 0,
+ * 1 (out of memory), 2 (column indices outside the matrix), 3 (codes outside 0..n_cat-1). */
+static int theta_lgamma_groups_run(const CsrRows *m, const int64_t *codes, Py_ssize_t n_cat,
+                                   const float *theta_table, const float *grad_lt, float scale,
+                                   const float *weights, float *grad_out, double *total,
+                                   int n_threads) {
+    const Py_ssize_t G = m->n_cols, n = m->n_rows;
+    *total = 0.0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (codes[i] < 0 || codes[i] >= n_cat) return 3;
+    int64_t *slot = malloc(sizeof(int64_t) * (size_t)n_cat);
+    int64_t *present = malloc(sizeof(int64_t) * (size_t)n_cat);
+    if (!slot || !present) {
+        free(slot);
+        free(present);
+        return 1;
+    }
+    for (Py_ssize_t c = 0; c < n_cat; c++) slot[c] = -1;
+    for (Py_ssize_t i = 0; i < n; i++) slot[codes[i]] = 0;
+    Py_ssize_t k = 0;
+    for (Py_ssize_t c = 0; c < n_cat; c++)
+        if (slot[c] == 0) {
+            slot[c] = k;
+            present[k++] = c;
+        }
+    const size_t group = k < LG_GROUP ? (size_t)(k > 0 ? k : 1) : LG_GROUP;
+    const size_t table_size = (size_t)G * LG_ROWS;
+    float *tables = malloc(sizeof(float) * table_size * 2 * group);
+    double *acc = malloc(sizeof(double) * (size_t)G);
+    /* calloc: a team smaller than n_threads leaves the missing threads' sums at zero */
+    double *sums = calloc((size_t)G * group * (size_t)n_threads, sizeof(double));
+    if (!tables || !acc || !sums) {
+        free(slot);
+        free(present);
+        free(tables);
+        free(acc);
+        free(sums);
+        return 1;
+    }
+    int64_t n_bad = 0;
+    double sum = 0.0;
+#pragma omp parallel num_threads(n_threads) reduction(+ : n_bad, sum)
+    {
+        /* the core's part, each thread over its own genes of every row: no two write one value */
+#pragma omp for schedule(static)
+        for (Py_ssize_t g = 0; g < n_cat * G; g++) grad_out[g] = 0.0f;
+        if (grad_lt) {
+#ifdef _OPENMP
+            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+            const int t = 0, nt = 1;
+#endif
+            const Py_ssize_t lo = G * t / nt, hi = G * (t + 1) / nt;
+            for (Py_ssize_t i = 0; i < n; i++) {
+                float *restrict dst = grad_out + codes[i] * G;
+                const float *restrict src = grad_lt + i * G;
+#pragma omp simd
+                for (Py_ssize_t g = lo; g < hi; g++) dst[g] += scale * src[g];
+            }
+        }
+#ifdef _OPENMP
+        double *own = sums + (size_t)G * group * (size_t)omp_get_thread_num();
+#else
+        double *own = sums;
+#endif
+        for (Py_ssize_t first = 0; first < k; first += (Py_ssize_t)group) {
+            const Py_ssize_t kk = k - first < (Py_ssize_t)group ? k - first : (Py_ssize_t)group;
+            for (Py_ssize_t s = 0; s < kk; s++) {
+                const float *th = theta_table + present[first + s] * G;
+                float *log_table = tables + table_size * (size_t)(2 * s);
+                build_table(th, G, 0, log_table, acc);
+                build_table(th, G, 1, log_table + table_size, acc);
+            }
+            for (Py_ssize_t g = 0; g < G * kk; g++) own[g] = 0.0;
+#pragma omp for schedule(static)
+            for (Py_ssize_t i = 0; i < n; i++) {
+                const Py_ssize_t s = slot[codes[i]] - first;
+                if (s < 0 || s >= kk) continue;
+                const float *th = theta_table + codes[i] * G;
+                const float *log_table = tables + table_size * (size_t)(2 * s);
+                sum += (double)(float)row_terms(m, i, log_table, log_table + table_size, th,
+                                                (double)weights[i], own + s * G, &n_bad);
+            }
+            /* the implicit barrier above: every thread's sums are complete */
+#pragma omp for schedule(static)
+            for (Py_ssize_t g = 0; g < G * kk; g++) {
+                double psi = 0.0;
+                for (int t = 0; t < n_threads; t++) psi += sums[(size_t)G * group * (size_t)t + g];
+                const Py_ssize_t at = present[first + g / G] * G + g % G;
+                grad_out[at] -= (float)((double)theta_table[at] * psi);
+            }
+        }
+    }
+    free(slot);
+    free(present);
+    free(tables);
+    free(acc);
+    free(sums);
+    *total = sum;
+    return n_bad ? 2 : 0;
+}
+
+PyDoc_STRVAR(theta_lgamma_groups_doc,
+             "theta_lgamma_groups(n_rows, n_cols, indptr, indptr_64, indices, indices_64, data,"
+             " rows, codes, n_categories, theta_table, grad_lt, scale, weights, grad_out,"
+             " n_threads) -> float\n\n"
+             "θ per category: row i reads row codes[i] (int64) of theta_table (n_categories ×\n"
+             "n_cols float32). Returns Σ log Γ(x+θ) − log Γ(θ) over the rows' stored counts;\n"
+             "grad_out[c] = scale Σ_{i∈c} grad_lt[i] − θ_c Σ_{i∈c} weights[i] Σ ψ(x+θ_c) − ψ(θ_c)\n"
+             "for every category (grad_lt may be 0). rows (int64) may be 0 for rows 0..n_rows-1.");
+
+static PyObject *theta_lgamma_groups(PyObject *self, PyObject *args) {
+    CsrRows m;
+    Py_ssize_t indptr, indices, data, rows, codes, n_cat, theta_table, grad_lt, weights, out;
+    float scale;
+    int n_threads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nnnininnnnnnfnni", &m.n_rows, &m.n_cols, &indptr,
+                          &m.indptr_64, &indices, &m.indices_64, &data, &rows, &codes, &n_cat,
+                          &theta_table, &grad_lt, &scale, &weights, &out, &n_threads))
+        return NULL;
+    if (m.n_rows < 0 || m.n_cols < 1 || n_cat < 1 || !indptr || !indices || !data ||
+        (m.n_rows && !codes) || !theta_table || (m.n_rows && !weights) || !out) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent arguments to _fastcore.theta_lgamma_groups");
+        return NULL;
+    }
+    set_csr(&m, indptr, indices, data, rows, theta_table);
+    if (n_threads < 1) n_threads = 1;
+    int failed;
+    double total = 0.0;
+    Py_BEGIN_ALLOW_THREADS failed = theta_lgamma_groups_run(
+        &m, as_pointer(codes), n_cat, as_pointer(theta_table), as_pointer(grad_lt), scale,
+        as_pointer(weights), as_pointer(out), &total, n_threads);
+    Py_END_ALLOW_THREADS if (failed == 2) {
+        PyErr_SetString(PyExc_ValueError, "column indices lie outside the matrix");
+        return NULL;
+    }
+    if (failed == 3) {
+        PyErr_SetString(PyExc_IndexError, "category codes outside 0..n_categories-1");
+        return NULL;
+    }
+    if (failed) return PyErr_NoMemory();
+    return PyFloat_FromDouble(total);
 }
 
 PyDoc_STRVAR(set_math_doc,
@@ -834,6 +997,8 @@ static PyMethodDef methods[] = {{"core", core, METH_VARARGS, core_doc},
                                 {"math_values", math_values, METH_VARARGS, math_values_doc},
                                 {"densify", densify, METH_VARARGS, densify_doc},
                                 {"theta_lgamma", theta_lgamma, METH_VARARGS, theta_lgamma_doc},
+                                {"theta_lgamma_groups", theta_lgamma_groups, METH_VARARGS,
+                                 theta_lgamma_groups_doc},
                                 {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastcore",

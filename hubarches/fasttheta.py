@@ -4,8 +4,8 @@ With one θ per gene and batch, each cell reads the θ row of its batch. In quer
 reference's columns stay frozen and the columns surgery added for the query's batches train;
 in reference training every column trains. Each step gathers the cells' ``log θ`` rows for
 the C core (which then also gives the per-cell gradient in ``log θ``), and, where θ trains,
-takes the log-gamma terms ``Σ log Γ(x+θ) − log Γ(θ)`` and their θ-gradient, one C pass over
-the stored counts per batch in the minibatch. A column's gradient is the sum over its cells.
+takes the log-gamma terms ``Σ log Γ(x+θ) − log Γ(θ)`` and their θ-gradient in one C call over
+the stored counts, a table per batch present. A column's gradient is the sum over its cells.
 """
 
 from __future__ import annotations
@@ -72,22 +72,16 @@ class BatchTheta:
         assert self.trains
         n = len(index)
         scale = float(weights[0]) if n else 0.0
-        grad = self._grad_table.zero_()
-        grad.index_add_(0, index, grad_lt, alpha=scale)
+        grad = self._grad_table
         stored = batch.stored
         if stored is not None and native.csr_supported(stored.csr):
-            total = 0.0
-            categories = index.numpy()
-            rows = stored.rows if stored.rows is not None else np.arange(stored.csr.shape[0])
-            for c in np.unique(categories):
-                picked = categories == c
-                value, grad_theta = native.theta_log_gamma_with_grad(
-                    stored.csr, rows[picked], self.theta_table[c], weights[: picked.sum()]
-                )
-                assert value is not None
-                total += float(value.sum(dtype=torch.float64))
-                grad[c].sub_(grad_theta.mul_(self.theta_table[c]))
+            # One C call for every batch present: the core's part and the log-gamma part.
+            total = native.theta_log_gamma_by_category(
+                stored.csr, stored.rows, index.numpy(), self.theta_table, weights, grad,
+                grad_lt=grad_lt, scale=scale,
+            )  # fmt: skip
         else:  # dense counts: autograd on the per-nonzero terms
+            grad.zero_().index_add_(0, index, grad_lt, alpha=scale)
             total, grad_theta = theta_log_gamma_and_grad(theta, batch.nonzero, n)
             grad.index_add_(0, index, grad_theta.mul_(theta), alpha=-scale)
         for start, w, grad_w in self.trained:

@@ -31,6 +31,7 @@ __all__ = [
     "native_core",
     "supports",
     "theta_log_gamma",
+    "theta_log_gamma_by_category",
     "theta_log_gamma_grad",
     "theta_log_gamma_with_grad",
 ]
@@ -465,3 +466,61 @@ def theta_log_gamma_with_grad(
     if n_rows:
         _theta_lgamma_call(csr, rows, theta, weights, grad, sums)
     return sums, grad
+
+
+def theta_log_gamma_by_category(
+    csr: sp.csr_matrix,
+    rows: np.ndarray | None,
+    categories: np.ndarray,
+    theta_table: torch.Tensor,
+    weights: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    grad_lt: torch.Tensor | None = None,
+    scale: float = 0.0,
+) -> float:
+    """The log-gamma terms with θ per category (gene-batch dispersion), in one C call.
+
+    Row ``i`` reads θ row ``categories[i]`` of ``theta_table`` (categories × genes). Returns
+    ``Σ_i Σ_g log Γ(x+θ) − log Γ(θ)`` over the rows' stored counts, and writes into ``out``
+    (categories × genes), for every category ``c``, ``scale Σ_{i∈c} grad_lt[i] − θ_c ⊙
+    Σ_{i∈c} w_i Σ_g [ψ(x+θ_c) − ψ(θ_c)]``: the gradient in log θ of a weighted loss whose
+    other terms gave ``grad_lt`` (rows × genes; None for none). Absent categories get zeros.
+    A step then pays one call, not one per batch present. Call only where
+    :func:`csr_supported`; ``rows`` None takes every row in order.
+    """
+    assert _fastcore is not None
+    n_rows = csr.shape[0] if rows is None else len(rows)
+    shape = (theta_table.shape[0], csr.shape[1]) if theta_table.dim() == 2 else None
+    if (
+        shape is None
+        or tuple(theta_table.shape) != shape
+        or not _contiguous(theta_table)
+        or (shape[0] < 1)
+    ):
+        raise ValueError(f"θ must be a contiguous float32 CPU table of categories × {csr.shape[1]}")
+    if not _contiguous(out) or tuple(out.shape) != shape:
+        raise ValueError(f"out must be a contiguous float32 CPU table of shape {shape}")
+    if not _contiguous(weights) or tuple(weights.shape) != (n_rows,):
+        raise ValueError(f"weights must be a contiguous float32 CPU vector of {n_rows} rows")
+    if grad_lt is not None and (
+        not _contiguous(grad_lt) or tuple(grad_lt.shape) != (n_rows, csr.shape[1])
+    ):
+        raise ValueError(f"grad_lt must be a contiguous float32 CPU matrix of {n_rows} rows")
+    codes = np.ascontiguousarray(categories, dtype=np.int64)
+    if codes.shape != (n_rows,):
+        raise ValueError(f"one category per row: {n_rows} rows, {codes.size} categories")
+    picked = None if rows is None else _checked_rows(csr, rows)
+    return float(
+        _fastcore.theta_lgamma_groups(
+            *_csr_arguments(csr, picked),
+            codes.ctypes.data,
+            shape[0],
+            theta_table.data_ptr(),
+            0 if grad_lt is None else grad_lt.data_ptr(),
+            scale,
+            weights.data_ptr(),
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+    )

@@ -335,6 +335,114 @@ def test_theta_log_gamma_refuses_columns_outside_the_matrix() -> None:
         native.theta_log_gamma(_matrix(np.int32), np.array([1]), torch.ones(32))
 
 
+def _by_category_expected(
+    csr: sp.csr_matrix,
+    rows: np.ndarray,
+    categories: np.ndarray,
+    table: torch.Tensor,
+    weights: torch.Tensor,
+    grad_lt: torch.Tensor,
+    scale: float,
+) -> tuple[float, torch.Tensor]:
+    """The grouped call's total and gradient in log θ, per row through torch.lgamma."""
+    th = table.double().clone().requires_grad_()
+    values = torch.cat(
+        [_plain_log_gamma(csr, rows[i : i + 1], th[int(c)]) for i, c in enumerate(categories)]
+    )
+    (grad_theta,) = torch.autograd.grad((values * weights.double()).sum(), th)
+    core = torch.zeros_like(th).index_add(0, torch.from_numpy(categories), grad_lt.double())
+    return float(values.sum()), scale * core - th.detach() * grad_theta
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("n_categories", [3, 25], ids=["one table group", "two table groups"])
+def test_theta_log_gamma_by_category_equals_lgamma_row_by_row(
+    index_dtype: type, n_categories: int
+) -> None:
+    """θ per category in one call: totals and log θ gradients, absent categories zero."""
+    csr = _lgamma_matrix(index_dtype)
+    rng = np.random.default_rng(1)
+    gen = torch.Generator().manual_seed(1)
+    rows = rng.integers(0, 40, 60)  # unsorted, repeated, the empty rows among them
+    rows[:2] = [3, 17]
+    # every category but the last two, so that 23 of 25 (two groups of tables) are present
+    categories = np.arange(60) % max(1, n_categories - 2)
+    rng.shuffle(categories)
+    table = torch.exp(torch.randn(n_categories, 33, generator=gen) * 2)
+    weights = torch.rand(60, generator=gen)
+    grad_lt = torch.randn(60, 33, generator=gen)
+    out = torch.full((n_categories, 33), float("nan"))
+    total = native.theta_log_gamma_by_category(
+        csr, rows, categories, table, weights, out, grad_lt=grad_lt, scale=0.25
+    )
+    expected_total, expected = _by_category_expected(
+        csr, rows, categories, table, weights, grad_lt, 0.25
+    )
+    assert total == pytest.approx(expected_total, rel=1e-6)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+    absent = sorted(set(range(n_categories)) - set(categories.tolist()))
+    assert absent
+    assert torch.equal(out[absent], torch.zeros(len(absent), 33))
+    # without the core's part: the log-gamma terms' gradient alone
+    alone = torch.empty_like(out)
+    again = native.theta_log_gamma_by_category(csr, rows, categories, table, weights, alone)
+    assert again == total
+    _, expected_alone = _by_category_expected(
+        csr, rows, categories, table, weights, torch.zeros_like(grad_lt), 0.0
+    )
+    torch.testing.assert_close(alone.double(), expected_alone, rtol=1e-5, atol=1e-4)
+
+
+def test_theta_log_gamma_by_category_of_one_category_is_the_per_gene_pass() -> None:
+    csr = _lgamma_matrix(np.int32)
+    rows = np.array([5, 3, 39, 0, 5, 17, 22])
+    theta = torch.exp(torch.randn(33, generator=torch.Generator().manual_seed(2)))
+    weights = torch.full((7,), 1.0 / 7)
+    values, grad = native.theta_log_gamma_with_grad(csr, rows, theta, weights)
+    assert values is not None
+    out = torch.empty(1, 33)
+    total = native.theta_log_gamma_by_category(
+        csr, rows, np.zeros(7, dtype=np.int64), theta[None].clone(), weights, out
+    )
+    assert total == pytest.approx(float(values.double().sum()), rel=1e-7)
+    torch.testing.assert_close(out[0], -grad * theta, rtol=1e-6, atol=1e-7)
+    every = torch.empty(1, 33)  # rows None: every row, in order
+    all_rows = np.arange(40)
+    total = native.theta_log_gamma_by_category(
+        csr, None, np.zeros(40, dtype=np.int64), theta[None].clone(), torch.ones(40), every
+    )
+    assert total == pytest.approx(float(_plain_log_gamma(csr, all_rows, theta.double()).sum()),
+                                  rel=1e-6)  # fmt: skip
+
+
+def test_theta_log_gamma_by_category_refuses_bad_input_before_writing() -> None:
+    csr = _matrix(np.int32)
+    table, weights, rows = torch.ones(3, 33), torch.ones(2), np.array([0, 1])
+    out = torch.full((3, 33), 7.0)
+    for codes in ([0, 3], [-1, 0]):
+        with pytest.raises(IndexError, match="category codes outside"):
+            native.theta_log_gamma_by_category(csr, rows, np.array(codes), table, weights, out)
+        assert torch.equal(out, torch.full((3, 33), 7.0))
+    with pytest.raises(IndexError, match="row numbers outside"):
+        native.theta_log_gamma_by_category(csr, np.array([0, 40]), np.zeros(2), table, weights, out)
+    with pytest.raises(ValueError, match="one category per row"):
+        native.theta_log_gamma_by_category(csr, rows, np.zeros(3), table, weights, out)
+    with pytest.raises(ValueError, match="θ must be"):
+        native.theta_log_gamma_by_category(csr, rows, np.zeros(2), torch.ones(3, 32), weights, out)
+    with pytest.raises(ValueError, match="out must be"):
+        native.theta_log_gamma_by_category(csr, rows, np.zeros(2), table, weights, out[:2])
+    with pytest.raises(ValueError, match="weights must be"):
+        native.theta_log_gamma_by_category(csr, rows, np.zeros(2), table, torch.ones(3), out)
+    with pytest.raises(ValueError, match="grad_lt must be"):
+        native.theta_log_gamma_by_category(
+            csr, rows, np.zeros(2), table, weights, out, grad_lt=torch.ones(2, 32)
+        )
+    bad = _matrix(np.int32)
+    bad.indices[bad.indptr[1]] = 33
+    with pytest.raises(ValueError, match="outside the matrix"):
+        native.theta_log_gamma_by_category(bad, rows, np.zeros(2), table, weights, out)
+
+
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
 def test_dense_log1p_equals_scipys(index_dtype: type) -> None:
     csr = _lgamma_matrix(index_dtype)
