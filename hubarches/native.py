@@ -491,20 +491,17 @@ def theta_log_gamma_by_category(
     """
     assert _fastcore is not None
     n_rows = csr.shape[0] if rows is None else len(rows)
-    shape = (theta_table.shape[0], csr.shape[1]) if theta_table.dim() == 2 else None
-    if (
-        shape is None
-        or tuple(theta_table.shape) != shape
-        or not _contiguous(theta_table)
-        or (shape[0] < 1)
-    ):
-        raise ValueError(f"θ must be a contiguous float32 CPU table of categories × {csr.shape[1]}")
+    n_genes = csr.shape[1]
+    table_ok = theta_table.dim() == 2 and theta_table.shape[1] == n_genes
+    if not (table_ok and theta_table.shape[0] >= 1 and _contiguous(theta_table)):
+        raise ValueError(f"θ must be a contiguous float32 CPU table of categories × {n_genes}")
+    shape = (theta_table.shape[0], n_genes)
     if not _contiguous(out) or tuple(out.shape) != shape:
         raise ValueError(f"out must be a contiguous float32 CPU table of shape {shape}")
     if not _contiguous(weights) or tuple(weights.shape) != (n_rows,):
         raise ValueError(f"weights must be a contiguous float32 CPU vector of {n_rows} rows")
     if grad_lt is not None and (
-        not _contiguous(grad_lt) or tuple(grad_lt.shape) != (n_rows, csr.shape[1])
+        not _contiguous(grad_lt) or tuple(grad_lt.shape) != (n_rows, n_genes)
     ):
         raise ValueError(f"grad_lt must be a contiguous float32 CPU matrix of {n_rows} rows")
     codes = np.ascontiguousarray(categories, dtype=np.int64)
